@@ -1,0 +1,352 @@
+"""The ROOT optimizer: Muon with per-shape Newton–Schulz tables and soft-thresholded momentum.
+
+Per matrix parameter and step (He et al. 2025, arXiv 2511.20626, with ``torch.optim.Muon``'s momentum):
+momentum, Nesterov, clip the update to ±(its ``outlier_quantile`` of |·|), orthogonalise with the
+table's schedule for the parameter's shape, decoupled weight decay, shape-adjusted lr. Parameters that
+are not matrices, and those a group marks ``use_root=False`` (embeddings, LM heads), get AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam
+
+from .newton_schulz import DEFAULT_EPS, default_ns_dtype, orthogonalize
+from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
+from .schedule import Schedule
+from .tables import CoefficientTable, load_table
+
+__all__ = ["ROOT", "root_param_groups"]
+
+# torch.optim.Muon's defaults (torch 2.13), so ROOT is a drop-in with the same meaning for each name.
+DEFAULT_LR = 1e-3
+DEFAULT_WEIGHT_DECAY = 0.1
+DEFAULT_MOMENTUM = 0.95
+# Common AdamW settings for the non-matrix parameters of LLM training (Moonlight, modded-nanogpt).
+DEFAULT_ADAMW_BETAS = (0.9, 0.95)
+DEFAULT_ADAMW_EPS = 1e-8
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+MISSING_SHAPE_POLICIES = ("default", "error", "nearest")
+MAX_NS_STEPS = 100  # as torch.optim.Muon: more steps is a mistake, not a setting
+STATE_TABLE_KEY = "root_table"
+
+
+class ROOT(torch.optim.Optimizer):
+    """ROOT: a drop-in for ``torch.optim.Muon`` that loads Newton–Schulz coefficients per shape.
+
+    Args follow ``torch.optim.Muon`` (``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``eps``,
+    ``ns_steps``, ``adjust_lr_fn``), plus:
+        table: a coefficient table or anything :func:`load_table` takes (``"muon"``, ``"root-paper@1"``,
+            a path, a dict). Looked up once per parameter shape, at construction.
+        outlier_quantile: quantile of |update| at which the update is clipped before NS (ROOT's
+            soft-threshold); ``None`` switches it off.
+        ns_steps: steps per NS call; ``None`` runs the table's own count.
+        ns_dtype: NS iteration dtype; ``None`` is bf16 on CUDA, float32 on CPU.
+        missing_shape: ``"default"``, ``"error"`` or ``"nearest"`` for shapes the table does not list.
+        adamw_betas, adamw_eps: AdamW settings for groups with ``use_root=False`` and for parameters
+            that are not matrices (a group's ``use_root=None`` decides per parameter by ``ndim``).
+
+    Example::
+
+        groups = root_param_groups(model, adamw_lr=3e-4)
+        opt = ROOT(groups, lr=0.02, table="root-paper", adjust_lr_fn="match_rms_adamw")
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = DEFAULT_LR,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        momentum: float = DEFAULT_MOMENTUM,
+        nesterov: bool = True,
+        *,
+        table: Any = "muon",
+        outlier_quantile: float | None = DEFAULT_OUTLIER_QUANTILE,
+        eps: float = DEFAULT_EPS,
+        ns_steps: int | None = None,
+        adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype | str | None = None,
+        missing_shape: str = "default",
+        adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
+        adamw_eps: float = DEFAULT_ADAMW_EPS,
+    ) -> None:
+        if missing_shape not in MISSING_SHAPE_POLICIES:
+            raise ValueError(f"missing_shape must be one of {MISSING_SHAPE_POLICIES}, got {missing_shape!r}")
+        self.table: CoefficientTable = load_table(table)
+        self.missing_shape = missing_shape
+        self._schedules: dict[tuple[tuple[int, int], int | None], Schedule] = {}
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            outlier_quantile=outlier_quantile,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=_dtype_name(ns_dtype),
+            use_root=None,
+            adamw_betas=tuple(adamw_betas),
+            adamw_eps=adamw_eps,
+        )
+        _validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "ns_dtype" in param_group:
+            param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        for p in group["params"]:
+            if _routes_to_root(group, p):
+                self._schedule_for(p, group["ns_steps"])  # fail (or warn) now, not mid-training
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints written before a group key existed still load, with that key's default.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[STATE_TABLE_KEY] = dict(self.table.ref)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(STATE_TABLE_KEY, None)
+        if saved is not None and saved.get("content_hash") != self.table.ref["content_hash"]:
+            raise ValueError(
+                f"optimizer state was saved with table {_describe(saved)}, but this ROOT uses "
+                f'{_describe(self.table.ref)}; construct ROOT with table="{saved.get("name")}@'
+                f'{saved.get("version")}" to resume it'
+            )
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step (``closure`` re-evaluates the loss, as in every torch optimizer)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            root_params, adamw_params = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ROOT does not support sparse gradients")
+                (root_params if _routes_to_root(group, p) else adamw_params).append(p)
+            for p in root_params:
+                self._root_update(p, group)
+            if adamw_params:
+                self._adamw_update(adamw_params, group)
+        return loss
+
+    def _root_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            # Contiguous, so a conv kernel's buffer can be viewed as its (out, in·∏k) matrix in place.
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        matrix_shape = _matrix_shape(p)
+        update = root_direction(
+            p.grad.reshape(matrix_shape),
+            state["momentum_buffer"].view(matrix_shape),
+            self._schedule_for(p, group["ns_steps"]),
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            outlier_quantile=group["outlier_quantile"],
+            eps=group["eps"],
+            ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(p.device),
+        )
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.view_as(p), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], matrix_shape))
+
+    def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                # As torch.optim.AdamW keeps it: a float32 tensor, so its state loads into AdamW too.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["adamw_betas"]
+        adam(
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["adamw_eps"],
+            maximize=False,
+        )
+
+    def _schedule_for(self, p: Tensor, ns_steps: int | None) -> Schedule:
+        shape = _matrix_shape(p)
+        key = ((min(shape), max(shape)), ns_steps)
+        if key not in self._schedules:
+            schedule = self.table.schedule_for(shape, missing=self.missing_shape)
+            self._schedules[key] = schedule.with_steps(ns_steps)
+        return self._schedules[key]
+
+
+def root_direction(
+    grad: Tensor,
+    momentum_buffer: Tensor,
+    schedule: Schedule,
+    *,
+    momentum: float,
+    nesterov: bool,
+    outlier_quantile: float | None,
+    eps: float,
+    ns_dtype: torch.dtype,
+) -> Tensor:
+    """ROOT's functional core for one matrix: update ``momentum_buffer`` in place, return NS(B).
+
+    Momentum is ``torch.optim.Muon``'s EMA (buf ← μ·buf + (1−μ)·g; Nesterov g ← (1−μ)·g + μ·buf).
+    It is (1−μ) times the ROOT reference's buf ← μ·buf + g, a factor that neither the quantile clip
+    nor the Frobenius normalisation sees, so both give the same direction.
+    """
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    if outlier_quantile is not None:
+        update = clip_to_quantile(update, outlier_quantile)
+    return orthogonalize(update, schedule, eps=eps, dtype=ns_dtype)
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
+    """``torch.optim.Muon``'s rule: "original" (Keller Jordan) or "match_rms_adamw" (Moonlight)."""
+    rows, cols = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1.0, rows / cols))
+
+
+def root_param_groups(
+    model: nn.Module,
+    *,
+    adamw_lr: float | None = None,
+    adamw_names: Iterable[str] = ("lm_head", "head", "output", "classifier", "embed"),
+    adamw_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s parameters the way Muon-family training does.
+
+    Matrices (and conv kernels) go to ROOT; 0-/1-D parameters, ``nn.Embedding`` weights and parameters
+    whose qualified name has a component starting with one of ``adamw_names`` go to AdamW, because
+    orthogonalised updates suit hidden layers, not lookup tables or the output projection.
+    Shared (tied) parameters are listed once. ``adamw_lr``/``adamw_weight_decay`` set that group's lr/wd.
+    """
+    adamw_names = tuple(adamw_names)
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    root, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        named_out = any(part.startswith(adamw_names) for part in name.split("."))
+        if p.ndim < 2 or id(p) in embedding_params or named_out:
+            adamw.append(p)
+        else:
+            root.append(p)
+    adamw_group: dict[str, Any] = {"params": adamw, "use_root": False}
+    if adamw_lr is not None:
+        adamw_group["lr"] = adamw_lr
+    if adamw_weight_decay is not None:
+        adamw_group["weight_decay"] = adamw_weight_decay
+    return [g for g in ({"params": root, "use_root": True}, adamw_group) if g["params"]]
+
+
+def _routes_to_root(group: dict[str, Any], p: Tensor) -> bool:
+    if group["use_root"] is None:
+        return p.ndim >= 2
+    if group["use_root"] and p.ndim < 2:
+        raise ValueError(
+            f"a use_root=True group holds a parameter of shape {tuple(p.shape)}; ROOT needs "
+            "matrices (put it in a use_root=False group, or use root_param_groups)"
+        )
+    return bool(group["use_root"])
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """Conv kernels (out, in, *k) are orthogonalised as (out, in·∏k), the usual Muon convention."""
+    return (p.shape[0], p.numel() // p.shape[0]) if p.shape[0] else (0, 0)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    _check_range("lr", group["lr"], low=0.0)
+    _check_range("weight_decay", group["weight_decay"], low=0.0)
+    _check_range("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    _check_range("eps", group["eps"], low=0.0)
+    _check_range("adamw_eps", group["adamw_eps"], low=0.0)
+    if group["outlier_quantile"] is not None:
+        _check_range("outlier_quantile", group["outlier_quantile"], low=0.0, high=1.0, low_open=True)
+    steps = group["ns_steps"]
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < MAX_NS_STEPS
+    ):
+        raise ValueError(f"ns_steps must be None or an integer in [1, {MAX_NS_STEPS}), got {steps!r}")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+    betas = group["adamw_betas"]
+    if len(betas) != 2:
+        raise ValueError(f"adamw_betas must be two numbers, got {betas!r}")
+    for beta in betas:
+        _check_range("adamw_betas", beta, low=0.0, high=1.0, high_open=True)
+    if group["use_root"] not in (None, True, False):
+        raise ValueError(f"use_root must be None, True or False, got {group['use_root']!r}")
+
+
+def _check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """Groups keep the NS dtype as a name, so state_dicts stay plain data."""
+    if dtype is None:
+        return None
+    resolved = _dtype_from_name(str(dtype).removeprefix("torch."))
+    if resolved is None or not resolved.is_floating_point:
+        raise ValueError(f"ns_dtype must be a floating torch dtype such as torch.bfloat16, got {dtype!r}")
+    return str(resolved).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _describe(ref: dict[str, Any]) -> str:
+    return f"'{ref.get('name')}@{ref.get('version')}' ({str(ref.get('content_hash'))[:19]}…)"

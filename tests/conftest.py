@@ -1,0 +1,41 @@
+"""Shared fixtures and the reference schedules the numeric tests use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from root_core.schedule import Schedule
+
+# DESIGN.md §2: torch.optim.Muon's default triple (KellerJordan/Muon muon.py).
+MUON = Schedule(rows=((3.4445, -4.7750, 2.0315),))
+# DESIGN.md §2: Polar Express (Amsel et al. 2025), five per-step rows, input scaled by 1.02.
+POLAR_EXPRESS = Schedule(
+    rows=(
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+    scale=1.02,
+)
+# The textbook quintic (15/8, −10/8, 3/8): slow, but it converges to 1 on all of (0, 1].
+CLASSIC = Schedule(rows=((15 / 8, -10 / 8, 3 / 8),))
+
+# Wide, tall, square and batched (wide and tall) inputs: every numeric routine is checked on all of them.
+SHAPES = [(16, 40), (40, 16), (24, 24), (3, 12, 20), (2, 2, 20, 12)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
