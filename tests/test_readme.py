@@ -13,7 +13,8 @@ PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.
 
 def test_readme_shows_the_two_commands_first():
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
-    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make setup", "make test"]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make setup", "make test"]
 
 
 @pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))])
