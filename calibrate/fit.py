@@ -30,6 +30,9 @@ PER_STEP_BOUNDS = [(0.5, 9.5), (-26.0, 2.0), (-2.0, 19.0)]
 # The search scores compressed spectra (this many evenly spaced order statistics per sample): the
 # mean over 512 quantiles tracks the full mean closely and makes an evaluation ~10× cheaper at r=4096.
 SEARCH_POINTS = 512
+# Nelder–Mead evaluations per search iteration: 200 iterations give 20k, enough to settle 15 digits-worth
+# of parameters, while a quick 5-iteration run stays quick.
+POLISH_EVALUATIONS_PER_ITERATION = 100
 # Published sets used as start points (bundled baseline tables); see coeff_tables/*/v1.json.
 START_TABLES = ("muon", "polar-express", "root-paper", "you-6step", "classic")
 
@@ -137,7 +140,9 @@ def fit(
     found, method = search(
         objective, bounds, [to_vector(s, bounds) for s in starts.values()], settings, label
     )
-    polished = _polish(objective, found, bounds)
+    polished = _polish(
+        objective, found, bounds, budget=POLISH_EVALUATIONS_PER_ITERATION * settings.iterations
+    )
     start_errors = {label: mean_error(spectra, s) for label, s in starts.items()}
     schedule = _best_feasible([polished, found], starts, spectra, settings)
     return FitResult(
@@ -237,7 +242,7 @@ def _study_name(settings: FitSettings, label: str) -> str:
     return f"root-calibrate:{label}:{form}:seed{settings.seed}"
 
 
-def _polish(objective: Callable, vector: np.ndarray, bounds) -> np.ndarray:
+def _polish(objective: Callable, vector: np.ndarray, bounds, *, budget: int) -> np.ndarray:
     """Nelder–Mead from the global optimum: DE lands in the right basin, NM finishes the digits."""
     from scipy.optimize import minimize
 
@@ -246,6 +251,6 @@ def _polish(objective: Callable, vector: np.ndarray, bounds) -> np.ndarray:
         vector,
         method="Nelder-Mead",
         bounds=bounds,
-        options={"maxiter": 4000 * len(bounds) // 3, "xatol": 1e-9, "fatol": 1e-12},
+        options={"maxfev": budget, "xatol": 1e-9, "fatol": 1e-12},
     )
     return result.x if result.fun <= objective(vector) else vector

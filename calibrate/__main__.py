@@ -1,0 +1,5 @@
+"""``python -m calibrate …`` is ``root-calibrate …``."""
+
+from .cli import main
+
+main()

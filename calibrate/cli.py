@@ -1,0 +1,268 @@
+"""``root-calibrate``: a thin typer layer over ``calibrate.pipeline`` and the sample harvester.
+
+Every domain error becomes one line on stderr and exit code 1; nothing is written before the inputs
+have been checked, and the table is written once, atomically, at the very end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from root_core.tables import TableError
+
+from .errors import CalibrationError
+from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
+from .objective import DEFAULT_MAX_GAIN
+from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, run
+from .progress import stages
+from .sampling.mix import parse_ratio
+from .sampling.real import validate_real_paths
+from .shapes import format_shape, parse_shapes, resolve_shapes
+
+EXAMPLES = """
+Examples:
+
+  root-calibrate --shapes 4096x11008 --ratio 1:3
+
+  root-calibrate --arch llama-3.2-1b --name llama-3.2-1b --samples 24
+
+  root-calibrate --config path/to/config.json --real momentum/ --out my_tables/
+
+  root-calibrate harvest --shapes 1024x4096 --count 8 --out harvest.safetensors
+"""
+DEFAULT_OUT = Path("coeff_tables")
+SUBCOMMANDS = ("calibrate", "harvest")
+
+app = typer.Typer(
+    name="root-calibrate",
+    help="Calibrate Newton–Schulz coefficients per matrix shape and write versioned tables for ROOT."
+    + EXAMPLES,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def parse_clip(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise CalibrationError(f"invalid --clip-quantile '{text}': expected a number in (0, 1] or 'none'")
+    return value
+
+
+def check_out_dir(directory: Path) -> None:
+    """Fail now, not after an hour of work, if the table cannot be written; leave nothing behind."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CalibrationError(f"cannot write to --out '{directory}': {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise CalibrationError(f"cannot write to --out '{directory}': {error.strerror or error}") from None
+
+
+@app.command("calibrate", epilog=EXAMPLES)
+def calibrate_command(
+    shapes: Annotated[
+        str | None, typer.Option(help="Comma-separated MxN shapes, e.g. 4096x11008,1024x4096")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="Built-in architecture preset, e.g. llama-3.2-1b")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Hugging Face-style config.json to derive shapes from")
+    ] = None,
+    ratio: Annotated[str, typer.Option(help="real:synthetic sample ratio")] = "1:3",
+    samples: Annotated[int, typer.Option(help="Samples per shape (calibration + validation)")] = 16,
+    real: Annotated[
+        list[Path] | None, typer.Option(help="Real momentum: safetensors/.pt files or folders")
+    ] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="Text for the harvester (default: Python stdlib)")
+    ] = None,
+    harvest_steps: Annotated[int | None, typer.Option(help="Training steps of the harvester")] = None,
+    clip_quantile: Annotated[
+        str, typer.Option(help="Soft-threshold quantile, as in ROOT, or 'none'")
+    ] = "0.9",
+    steps: Annotated[int, typer.Option(help="Newton–Schulz steps")] = 5,
+    schedule: Annotated[str, typer.Option(help=f"One of {', '.join(SCHEDULE_FORMS)}")] = "per-step",
+    max_gain: Annotated[
+        float, typer.Option(help="Bound on the composed polynomial over (0, 1]")
+    ] = DEFAULT_MAX_GAIN,
+    backend: Annotated[str, typer.Option(help=f"One of {', '.join(BACKENDS)}")] = "scipy",
+    storage: Annotated[str | None, typer.Option(help="optuna storage URL, e.g. sqlite:///study.db")] = None,
+    iterations: Annotated[int, typer.Option(help="Search generations (optuna: ×10 trials)")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for samples, split and search")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Tables folder; writes OUT/NAME/vN.json")
+    ] = DEFAULT_OUT,
+    name: Annotated[str | None, typer.Option(help="Table name (default: --arch, else 'calibrated')")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Spectrum cache folder")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every spectrum")] = False,
+    check_samples: Annotated[
+        int, typer.Option(help="Validation matrices checked with the real iteration")
+    ] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+) -> None:
+    """Fit per-shape coefficients against the SVD polar factor and write a versioned table."""
+    try:
+        request = CalibrationRequest(
+            shapes=[],
+            out=out_dir,
+            name=name or arch or "calibrated",
+            ratio=parse_ratio(ratio),
+            samples=samples,
+            seed=seed,
+            real=list(real or []),
+            corpus=corpus,
+            harvest_steps=harvest_steps,
+            clip_quantile=parse_clip(clip_quantile),
+            device=resolve_device(device),
+            fit=FitSettings(
+                steps=steps,
+                form=schedule,
+                max_gain=max_gain,
+                backend=backend,
+                seed=seed,
+                iterations=iterations,
+                storage=storage,
+            ),
+            cache_dir=None if no_cache else cache or default_cache_dir(),
+            check_samples=check_samples,
+            command=_command_line(),
+        )
+        request.shapes, request.layer_shapes = resolve_shapes(shapes, arch, config)
+        check_calibration_inputs(request)
+        validate_real_paths(request.real)
+        check_out_dir(out_dir)
+        with stages(quiet, err) as progress:
+            path, results = run(request, progress)
+    except (CalibrationError, TableError) as error:
+        fail(str(error))
+    if not quiet:
+        out.print(summary(results))
+    out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("harvest", epilog=EXAMPLES)
+def harvest_command(
+    shapes: Annotated[str, typer.Option(help="Comma-separated MxN shapes, e.g. 1024x4096")],
+    out_file: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
+    count: Annotated[int, typer.Option(help="Matrices per shape")] = 8,
+    corpus: Annotated[Path | None, typer.Option(help="Text to train on (default: Python stdlib)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the model and the data order")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+) -> None:
+    """Record real momentum from a small byte-level LM trained on text; save it for --real."""
+    from .sampling.harvest import harvest, save_harvest
+
+    try:
+        keys = parse_shapes(shapes)
+        if count < 1:
+            raise CalibrationError(f"invalid --count {count}: expected an integer ≥ 1")
+        if out_file.exists() and not overwrite:
+            raise CalibrationError(f"--out '{out_file}' exists; pass --overwrite to replace it")
+        check_out_dir(out_file.parent)
+        samples = []
+        with stages(quiet, err) as progress:
+            for key in keys:
+                with progress.stage(f"{format_shape(key)} harvest", count) as advance:
+                    samples += harvest(
+                        key,
+                        count,
+                        seed=seed,
+                        corpus=corpus,
+                        steps=steps,
+                        device=resolve_device(device),
+                        progress=advance,
+                    )
+        path = save_harvest(samples, out_file, overwrite=overwrite)
+    except CalibrationError as error:
+        fail(str(error))
+    out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/root-calibrate/spectra (~/.cache/...): shared by every run on the machine."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "root-calibrate" / "spectra"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CalibrationError(f"invalid --device '{device}': CUDA is not available on this machine")
+        return device
+    raise CalibrationError(f"invalid --device '{device}': expected auto, cpu or cuda")
+
+
+def summary(results: list[ShapeResult]) -> Table:
+    """Validation errors of the calibrated rows next to the baselines, per shape."""
+    table = Table(title="Relative error vs the SVD polar factor, validation mean (spectral: float64)")
+    for column in ("shape", "table", "spectral", "float32", "bf16", "bound (0,1]"):
+        table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
+    for result in results:
+        for label, errors in result.validation.items():
+            matrix = result.matrix.get(label, {})
+            table.add_row(
+                format_shape(result.key),
+                label,
+                f"{sum(errors) / len(errors):.4f}",
+                _fmt(matrix.get("float32")),
+                _fmt(matrix.get("bfloat16")),
+                f"{result.fit.safety.high:.4f}" if label == "calibrated" else "",
+            )
+    return table
+
+
+def _fmt(values: list[float] | None) -> str:
+    return f"{sum(values) / len(values):.4f}" if values else "—"
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(arg) for arg in ["root-calibrate", *sys.argv[1:]])
+
+
+def with_default_command(args: list[str]) -> list[str]:
+    """``root-calibrate --shapes …`` means ``root-calibrate calibrate --shapes …``."""
+    if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
+        return ["calibrate", *args]
+    return args
+
+
+def main() -> None:
+    app(args=with_default_command(sys.argv[1:]), prog_name="root-calibrate")
+
+
+if __name__ == "__main__":
+    main()

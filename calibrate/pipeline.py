@@ -1,0 +1,283 @@
+"""The calibration run, stage by stage: samples → clip → spectra → fit → matrix check → table.
+
+Plain functions with the CLI as a thin layer on top (``calibrate/cli.py``).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import calibrate
+from root_core.schedule import Schedule
+from root_core.tables import CoefficientTable, load_table, next_version, save_table
+
+from .errors import CalibrationError
+from .evaluate import matrix_errors
+from .fit import FitResult, FitSettings, fit
+from .objective import sample_errors, stack_spectra
+from .progress import Stages
+from .sampling import Sample
+from .sampling.harvest import harvest
+from .sampling.mix import reject_non_finite, split_counts, train_validation_split
+from .sampling.real import load_real_samples
+from .sampling.synthetic import synthetic_samples
+from .shapes import LayerShape, format_shape
+from .spectra import SpectrumCache
+
+ShapeKey = tuple[int, int]
+# Baselines every calibrated shape is compared with (bundled tables, DESIGN.md §2).
+BASELINES = ("muon", "polar-express", "root-paper")
+# The default rows of a calibrated table, for shapes it does not list: Muon's triple, the ROOT
+# reference's own fallback (DESIGN.md §2).
+DEFAULT_ROWS = load_table("muon").default_schedule.rows
+
+
+@dataclass(kw_only=True)
+class CalibrationRequest:
+    shapes: list[ShapeKey]
+    out: Path
+    name: str
+    layer_shapes: list[LayerShape] | None = None
+    ratio: tuple[int, int] = (1, 3)
+    samples: int = 16
+    seed: int = 0
+    real: list[Path] = field(default_factory=list)
+    corpus: Path | None = None
+    harvest_steps: int | None = None
+    clip_quantile: float | None = 0.9
+    fit: FitSettings = field(default_factory=FitSettings)
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    validation_fraction: float = 0.25
+    check_samples: int = 2
+    command: str = ""
+
+
+@dataclass
+class ShapeResult:
+    key: ShapeKey
+    fit: FitResult
+    validation: dict[str, list[float]]  # label → spectral error per validation sample
+    matrix: dict[str, dict[str, list[float]]]  # label → dtype → matrix error per checked sample
+    sources: list[str]
+    counts: dict[str, int]
+    seconds: dict[str, float]
+
+    def metrics(self) -> dict:
+        fitted = self.fit
+        return {
+            "calibration_error": fitted.calibration_error,
+            "validation_error": _mean(self.validation["calibrated"]),
+            "validation_p95": _p95(self.validation["calibrated"]),
+            **{f"matrix_error_{dtype}": _mean(v) for dtype, v in self.matrix["calibrated"].items()},
+            "bound": fitted.safety.high,
+            "bound_low": fitted.safety.low,
+            "max_gain": fitted.safety.max_gain,
+            "baselines": {
+                label: {
+                    "validation_error": _mean(self.validation[label]),
+                    **{f"matrix_error_{d}": _mean(v) for d, v in self.matrix.get(label, {}).items()},
+                }
+                for label in self.validation
+                if label != "calibrated"
+            },
+            "samples": self.counts,
+            "seconds": {stage: round(s, 3) for stage, s in self.seconds.items()},
+        }
+
+
+def collect_samples(
+    key: ShapeKey, request: CalibrationRequest, stages: Stages, files: list[Sample]
+) -> list[Sample]:
+    """The shape's samples at the requested real:synthetic ratio; real ones from files, else harvested."""
+    n_real, n_synthetic = split_counts(request.samples, request.ratio)
+    real = _spread(files, n_real)
+    if len(real) < n_real:
+        with stages.stage(f"{format_shape(key)} harvest real momentum", n_real - len(real)) as advance:
+            real += harvest(
+                key,
+                n_real - len(real),
+                seed=request.seed,
+                corpus=request.corpus,
+                steps=request.harvest_steps,
+                device=request.device,
+                progress=advance,
+            )
+    with stages.stage(f"{format_shape(key)} synthetic samples", n_synthetic) as advance:
+        synthetic = synthetic_samples(key, n_synthetic, seed=request.seed)
+        advance(n_synthetic)
+    samples = real + synthetic
+    reject_non_finite(samples)
+    return samples
+
+
+def calibrate_shape(
+    key: ShapeKey, request: CalibrationRequest, stages: Stages, files: list[Sample], cache: SpectrumCache
+) -> ShapeResult:
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    samples = collect_samples(key, request, stages, files)
+    seconds["samples"] = time.perf_counter() - started
+    calibration, validation = train_validation_split(samples, request.validation_fraction, seed=request.seed)
+
+    started = time.perf_counter()
+    with stages.stage(
+        f"{format_shape(key)} spectra (clip q={request.clip_quantile})", len(samples)
+    ) as advance:
+        spectra = {}
+        for sample in samples:
+            spectra[id(sample)] = cache.spectrum(
+                sample.matrix, clip_quantile=request.clip_quantile, device=request.device
+            )
+            advance(1)
+    seconds["spectra"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
+        fitted = fit(
+            stack_spectra([spectra[id(s)] for s in calibration]), request.fit, label=format_shape(key)
+        )
+        advance(1)
+    seconds["fit"] = time.perf_counter() - started
+
+    schedules = {"calibrated": fitted.schedule, **baseline_schedules(key)}
+    validation_spectra = stack_spectra([spectra[id(s)] for s in validation])
+    spectral = {label: sample_errors(validation_spectra, s).tolist() for label, s in schedules.items()}
+    started = time.perf_counter()
+    checked = validation[: request.check_samples]
+    # float32 and bf16 for the calibrated rows; baselines in bf16 only, which keeps the check
+    # affordable on a CPU at 4096×11008 (their float32 error equals the spectral one to ~1e-5).
+    dtypes = {
+        label: ("float32", "bfloat16") if label == "calibrated" else ("bfloat16",) for label in schedules
+    }
+    with stages.stage(f"{format_shape(key)} matrix check vs SVD", len(checked)) as advance:
+        matrix = matrix_errors(
+            [s.matrix for s in checked],
+            schedules,
+            clip_quantile=request.clip_quantile,
+            device=request.device,
+            dtypes=dtypes,
+            advance=advance,
+        )
+    seconds["check"] = time.perf_counter() - started
+    counts = {
+        "real": sum(s.kind == "real" for s in samples),
+        "synthetic": sum(s.kind == "synthetic" for s in samples),
+        "calibration": len(calibration),
+        "validation": len(validation),
+        "matrix_checked": len(checked),
+    }
+    return ShapeResult(
+        key=key,
+        fit=fitted,
+        validation=spectral,
+        matrix=matrix,
+        sources=[s.source for s in samples],
+        counts=counts,
+        seconds=seconds,
+    )
+
+
+def baseline_schedules(key: ShapeKey) -> dict[str, Schedule]:
+    """Muon and Polar Express everywhere; the ROOT paper only where it published the shape."""
+    schedules = {}
+    for name in BASELINES:
+        table = load_table(name)
+        if table.entries and key not in table.shapes:
+            continue
+        schedules[name] = table.schedule_for(key)
+    return schedules
+
+
+def build_table(request: CalibrationRequest, results: Sequence[ShapeResult]) -> CoefficientTable:
+    version = next_version(request.out, request.name)
+    entries = {
+        r.key: {
+            "coefficients": [list(row) for row in r.fit.schedule.rows],
+            "steps": request.fit.steps,
+            "metrics": r.metrics(),
+        }
+        for r in results
+    }
+    return CoefficientTable.create(
+        name=request.name,
+        version=version,
+        default_rows=DEFAULT_ROWS,
+        default_steps=5,
+        entries=entries,
+        provenance=provenance(request, results),
+        description=f"Calibrated {request.fit.form} Newton–Schulz coefficients for "
+        f"{', '.join(format_shape(r.key) for r in results)}",
+    )
+
+
+def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> dict:
+    return {
+        "tool": f"root-calibrate {calibrate.__version__}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": _device_name(request.device),
+        "command": request.command,
+        "seed": request.seed,
+        "ratio": f"{request.ratio[0]}:{request.ratio[1]}",
+        "samples_per_shape": request.samples,
+        "validation_fraction": request.validation_fraction,
+        "clip_quantile": request.clip_quantile,
+        "real_sources": [str(p) for p in request.real] or ["harvest"],
+        "corpus": str(request.corpus) if request.corpus else "python-stdlib",
+        "search": results[0].fit.method if results else {},
+        "default_rows": "muon (KellerJordan/Muon), the ROOT reference's fallback",
+        "layers": [
+            {"name": s.name, "shape": list(s.shape), "count": s.count} for s in request.layer_shapes or []
+        ],
+        "sources": {format_shape(r.key): r.sources for r in results},
+    }
+
+
+def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeResult]]:
+    """Calibrate every shape, then write the table once; nothing is written if any stage fails."""
+    files = load_real_samples(request.real, request.shapes) if request.real else {}
+    cache = SpectrumCache(request.cache_dir)
+    results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
+    table = build_table(request, results)
+    return save_table(table, request.out), results
+
+
+def _spread(samples: list[Sample], count: int) -> list[Sample]:
+    """``count`` samples evenly spread over the list (e.g. over a training run's recorded steps)."""
+    if len(samples) <= count:
+        return list(samples)
+    step = len(samples) / count
+    return [samples[int(i * step)] for i in range(count)]
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _p95(values: Sequence[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).quantile(0.95)) if values else float("nan")
+
+
+def check_calibration_inputs(request: CalibrationRequest) -> None:
+    """Cheap checks that must fail before any long work."""
+    if request.samples < 2:
+        raise CalibrationError(
+            f"invalid --samples {request.samples}: need at least 2 (calibration + validation)"
+        )
+    if not 0.0 < request.validation_fraction < 1.0:
+        raise CalibrationError(f"invalid validation fraction {request.validation_fraction}: expected (0, 1)")
+    if request.check_samples < 1:
+        raise CalibrationError(f"invalid --check-samples {request.check_samples}: expected ≥ 1")
