@@ -121,7 +121,6 @@ def test_progress_advances_once_per_step(text_file):
     assert ticks == [1] * STEPS
 
 
-@pytest.mark.slow
 def test_default_stdlib_corpus():
     samples = harvest((8, 16), 2, seed=0, steps=8)
     assert [s.source for s in samples] == ["harvest:stdlib:mlp.up:step8", "harvest:stdlib:mlp.down:step8"]
