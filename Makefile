@@ -4,7 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup test test-gpu lint bench clean
+CALIBRATE := $(VENV)/bin/root-calibrate
+# The bundled calibrated tables: one command per architecture, defaults otherwise (ratio 1:3, 16 samples
+# per shape, clip at q=0.9, per-step rows, 5 steps, max gain 1.25, seed 0).
+TABLE_ARCHS := llama-3.2-1b llama-2-7b llama-3-8b qwen2.5-0.5b
+
+.PHONY: setup test test-gpu lint bench demo tables clean
 
 setup: ## create .venv, pin torch first (CPU build here, CUDA build on a CUDA machine), then the project
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,12 @@ lint:
 
 bench: ## optimizer step benchmark; appends to benchmarks/RESULTS.md
 	$(PY) benchmarks/optimizer_step.py --record
+
+demo: ## a one-minute calibration of one small shape into out/demo, then its summary
+	$(CALIBRATE) --shapes 256x1024 --ratio 1:3 --samples 8 --out out/demo --name demo
+
+tables: ## regenerate the bundled calibrated tables in coeff_tables/ (next free version each)
+	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch --out coeff_tables || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

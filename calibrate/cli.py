@@ -40,7 +40,7 @@ Examples:
   root-calibrate harvest --shapes 1024x4096 --count 8 --out harvest.safetensors
 """
 DEFAULT_OUT = Path("coeff_tables")
-SUBCOMMANDS = ("calibrate", "harvest")
+SUBCOMMANDS = ("calibrate", "harvest", "plot", "report", "show", "list")
 
 app = typer.Typer(
     name="root-calibrate",
@@ -263,6 +263,8 @@ def with_default_command(args: list[str]) -> list[str]:
 def main() -> None:
     app(args=with_default_command(sys.argv[1:]), prog_name="root-calibrate")
 
+
+from . import analysis_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

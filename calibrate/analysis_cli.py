@@ -1,0 +1,154 @@
+"""``root-calibrate plot | report | show | list``: precision against the SVD, registered on ``cli.app``.
+
+Thin commands over ``precision`` (the numbers), ``plots`` and ``report``; every domain error is one line
+and exit code 1, checked before any sample is drawn, and figures are written only once all are drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import app, check_out_dir, err, fail, out, resolve_device
+from .errors import CalibrationError
+from .precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
+from .progress import stages
+from .report import REPORT_FORMATS, format_report, left_aligned, list_tables, load_for_show, show_table
+
+PLOT_EXAMPLES = """
+Examples:
+
+  root-calibrate plot polar-express --shapes 1024x4096 --samples harvest --count 8
+
+  root-calibrate plot coeff_tables/llama-3.2-1b/v1.json --against muon,root-paper --format svg
+"""
+REPORT_EXAMPLES = """
+Examples:
+
+  root-calibrate report llama-3.2-1b --format markdown
+
+  root-calibrate report polar-express --shapes 512x2048 --against muon --format csv
+"""
+SHOW_EXAMPLES = "\nExamples:\n\n  root-calibrate show root-paper\n\n  root-calibrate show muon@1\n"
+LIST_EXAMPLES = "\nExample:\n\n  ROOT_COEFF_TABLES=my_tables root-calibrate list\n"
+FIGURE_FORMATS = ("png", "svg", "pdf")
+DEFAULT_FIGURES_DIR = Path("figures")
+DEFAULT_AGAINST = ",".join(DEFAULT_BASELINES)
+
+TablesArg = Annotated[list[str], typer.Argument(help="Tables: a name (muon), name@N, or a .json path")]
+Against = Annotated[
+    str, typer.Option(help="Baseline tables, comma-separated, or 'none'; each on the shapes it covers")
+]
+Shapes = Annotated[
+    str | None, typer.Option(help="Comma-separated MxN shapes (default: those the tables list)")
+]
+Samples = Annotated[
+    str, typer.Option(help=f"{' or '.join(SAMPLE_SOURCES)}, or a momentum/harvest file or folder")
+]
+Count = Annotated[int, typer.Option(help="Samples per shape")]
+CheckSamples = Annotated[
+    int | None, typer.Option(help="Samples also run through the bf16 iteration (default: all)")
+]
+Seed = Annotated[int, typer.Option(help="Seed for synthetic samples and the harvester")]
+HarvestSteps = Annotated[int | None, typer.Option(help="Training steps of the harvester")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars")]
+
+
+def _analyse(tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet):
+    """Shared by plot and report, so both see the same numbers for the same arguments."""
+    with stages(quiet, err) as progress:
+        return analyse(
+            tables,
+            against=parse_baselines(against),
+            shapes=shapes,
+            source=samples,
+            count=count,
+            check_samples=check_samples,
+            seed=seed,
+            harvest_steps=harvest_steps,
+            device=resolve_device(device),
+            stage=progress.stage,
+        )
+
+
+@app.command("plot", epilog=PLOT_EXAMPLES)
+def plot_command(
+    tables: TablesArg,
+    shapes: Shapes = None,
+    against: Against = DEFAULT_AGAINST,
+    samples: Samples = "synthetic",
+    count: Count = DEFAULT_COUNT,
+    check_samples: CheckSamples = None,
+    seed: Seed = 0,
+    harvest_steps: HarvestSteps = None,
+    device: Device = "auto",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the figures")] = DEFAULT_FIGURES_DIR,
+    fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FIGURE_FORMATS)}")] = "png",
+    quiet: Quiet = False,
+) -> None:
+    """Per shape: error vs iterations, transfer curve P(σ), error over training (harvest samples)."""
+    from .plots import write_figures  # matplotlib loads only for this command
+
+    try:
+        if fmt not in FIGURE_FORMATS:
+            raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(FIGURE_FORMATS)}")
+        check_out_dir(out_dir)
+        analysis = _analyse(
+            tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
+        )
+        paths = write_figures(analysis, out_dir, fmt)
+    except CalibrationError as error:
+        fail(str(error))
+    for path in paths:
+        out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("report", epilog=REPORT_EXAMPLES)
+def report_command(
+    tables: TablesArg,
+    shapes: Shapes = None,
+    against: Against = DEFAULT_AGAINST,
+    samples: Samples = "synthetic",
+    count: Count = DEFAULT_COUNT,
+    check_samples: CheckSamples = None,
+    seed: Seed = 0,
+    harvest_steps: HarvestSteps = None,
+    device: Device = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(REPORT_FORMATS)}")] = "table",
+    quiet: Quiet = False,
+) -> None:
+    """Mean / p95 error (float64 spectral, bf16 matrix), bound on (0, 1], steps, ratio to each baseline."""
+    from .precision import report_frame
+
+    try:
+        if fmt not in REPORT_FORMATS:
+            raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(REPORT_FORMATS)}")
+        analysis: Analysis = _analyse(
+            tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
+        )
+        text = format_report(report_frame(analysis), fmt)
+    except CalibrationError as error:
+        fail(str(error))
+    print(text)  # plain print: rich would re-wrap a CSV or JSON document
+
+
+@app.command("show", epilog=SHOW_EXAMPLES)
+def show_command(
+    table: Annotated[str, typer.Argument(help="A table name (muon), name@N, or a .json path")],
+) -> None:
+    """One table: name, version, provenance, shapes, rows and metrics."""
+    try:
+        text = show_table(load_for_show(table))
+    except CalibrationError as error:
+        fail(str(error))
+    print(text)
+
+
+@app.command("list", epilog=LIST_EXAMPLES)
+def list_command() -> None:
+    """Bundled tables and those under $ROOT_COEFF_TABLES, with their versions."""
+    frame = list_tables()
+    print(left_aligned(frame) if not frame.empty else "no coefficient tables found")
