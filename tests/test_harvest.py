@@ -23,6 +23,7 @@ from calibrate.sampling.harvest import (
     nesterov_update,
     record_schedule,
     resolve_steps,
+    resolve_trainer,
     run_harvest,
     save_harvest,
 )
@@ -128,10 +129,29 @@ def test_default_stdlib_corpus():
 
 def test_default_steps():
     assert resolve_steps(SHAPE, 4) == harvest_module.MAX_DEFAULT_STEPS
-    # Newton–Schulz on a 4096×11008 update costs about a minute per step on 2 CPU cores: the floor wins.
-    assert resolve_steps((4096, 11008), 4) == harvest_module.MIN_WARMUP_STEPS + 2
+    # Muon's NS on a 4096×11008 update costs about a minute per step on 2 CPU cores: with Muon only the
+    # floor would fit, so "auto" trains with the normalised twin and fits ~27 steps in the budget.
+    assert resolve_steps((4096, 11008), 4, trainer="muon") == harvest_module.MIN_WARMUP_STEPS + 2
+    assert resolve_trainer((4096, 11008)) == "nesterov" and resolve_trainer((64, 256)) == "muon"
+    assert resolve_steps((4096, 11008), 4) >= 20
     assert resolve_steps((4096, 11008), 4, device="cuda") == harvest_module.MAX_DEFAULT_STEPS
-    assert record_schedule(100, 6) == [26, 63, 100]
+    assert resolve_trainer((4096, 11008), device="cuda") == "muon"
+    assert record_schedule(100, 6) == [51, 75, 100]
+
+
+def test_normalised_trainer_records_the_same_momentum_form_and_learns(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    result = run_harvest((16, 48), 2, seed=0, corpus=corpus, steps=30, trainer="nesterov")
+    assert [s.meta["trainer"] for s in result.samples] == ["nesterov", "nesterov"]
+    assert result.losses[-1] < 0.8 * result.losses[0]
+
+
+def test_unknown_trainer_is_named():
+    with pytest.raises(
+        CalibrationError, match=re.escape("invalid harvest trainer 'sgd': expected one of auto, muon")
+    ):
+        resolve_trainer((16, 48), "sgd")
 
 
 @pytest.mark.parametrize(
