@@ -180,7 +180,7 @@ def harvest_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Record real momentum from a small byte-level LM trained on text; save it for --real."""
-    from .sampling.harvest import harvest, save_harvest
+    from .sampling.harvest import harvest, resolve_steps, save_harvest
 
     try:
         keys = parse_shapes(shapes)
@@ -192,7 +192,8 @@ def harvest_command(
         samples = []
         with stages(quiet, err) as progress:
             for key in keys:
-                with progress.stage(f"{format_shape(key)} harvest", count) as advance:
+                total = resolve_steps(key, count, steps, device=resolve_device(device))
+                with progress.stage(f"{format_shape(key)} harvest ({total} steps)", total) as advance:
                     samples += harvest(
                         key,
                         count,

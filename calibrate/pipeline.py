@@ -23,7 +23,7 @@ from .fit import FitResult, FitSettings, fit
 from .objective import sample_errors, stack_spectra
 from .progress import Stages
 from .sampling import Sample
-from .sampling.harvest import harvest
+from .sampling.harvest import harvest, resolve_steps
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
 from .sampling.real import load_real_samples
 from .sampling.synthetic import synthetic_samples
@@ -98,14 +98,16 @@ def collect_samples(
     """The shape's samples at the requested real:synthetic ratio; real ones from files, else harvested."""
     n_real, n_synthetic = split_counts(request.samples, request.ratio)
     real = _spread(files, n_real)
-    if len(real) < n_real:
-        with stages.stage(f"{format_shape(key)} harvest real momentum", n_real - len(real)) as advance:
+    missing = n_real - len(real)
+    if missing > 0:
+        steps = resolve_steps(key, missing, request.harvest_steps, device=request.device)
+        with stages.stage(f"{format_shape(key)} harvest ({steps} training steps)", steps) as advance:
             real += harvest(
                 key,
-                n_real - len(real),
+                missing,
                 seed=request.seed,
                 corpus=request.corpus,
-                steps=request.harvest_steps,
+                steps=steps,
                 device=request.device,
                 progress=advance,
             )

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from calibrate.errors import CalibrationError
-from calibrate.sampling import Sample
+from calibrate.sampling import Sample, synthetic
 from calibrate.sampling.mix import (
     parse_ratio,
     reject_non_finite,
@@ -179,7 +179,8 @@ def test_low_rank_noise_follows_its_power_law(stats_samples):
     for sample in by_family(stats_samples, "low_rank_noise"):
         params = sample.meta["params"]
         rank, alpha = params["rank"], params["alpha"]
-        assert max(1, m // 64) <= rank <= m // 4
+        low, high = (max(1, round(m * f)) for f in synthetic.RANK_FRACTION_RANGE)
+        assert low <= rank <= high and synthetic.ALPHA_RANGE[0] <= alpha <= synthetic.ALPHA_RANGE[1]
         sigma = params["scale"] * torch.arange(1, rank + 1, dtype=torch.float64) ** -alpha
         noise_std = params["noise_level"] * float(sigma.norm()) / math.sqrt(m * n)
         noise_norm = noise_std * (math.sqrt(m) + math.sqrt(n)) * NOISE_NORM_TOLERANCE
