@@ -9,7 +9,7 @@ CALIBRATE := $(VENV)/bin/root-calibrate
 # per shape, clip at q=0.9, per-step rows, 5 steps, max gain 1.25, seed 0).
 TABLE_ARCHS := llama-3.2-1b llama-2-7b llama-3-8b qwen2.5-0.5b
 
-.PHONY: setup test test-gpu lint bench demo tables clean
+.PHONY: setup test test-gpu lint bench demo tables notebooks clean
 
 setup: ## create .venv, pin torch first (CPU build here, CUDA build on a CUDA machine), then the project
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: ## a one-minute calibration of one small shape into out/demo, then its sum
 
 tables: ## regenerate the bundled calibrated tables in coeff_tables/ (next free version each)
 	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch --out coeff_tables || exit 1; done
+	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch-shared --schedule shared \
+		--check-samples 1 --out coeff_tables || exit 1; done
+
+notebooks: ## execute both notebooks top to bottom (small sizes, as the suite does)
+	$(PY) -m pytest -q tests/test_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -120,8 +120,10 @@ def calibrate_command(
         Path, typer.Option("--out", help="Tables folder; writes OUT/NAME/vN.json")
     ] = DEFAULT_OUT,
     name: Annotated[str | None, typer.Option(help="Table name (default: --arch, else 'calibrated')")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Spectrum cache folder")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every spectrum")] = False,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder for harvests and spectra")] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute every harvest and spectrum")
+    ] = False,
     check_samples: Annotated[
         int, typer.Option(help="Validation matrices checked with the real iteration")
     ] = 2,
@@ -210,9 +212,9 @@ def harvest_command(
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/root-calibrate/spectra (~/.cache/...): shared by every run on the machine."""
+    """$XDG_CACHE_HOME/root-calibrate (~/.cache/...): shared by every run on the machine."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "root-calibrate" / "spectra"
+    return Path(base) / "root-calibrate"
 
 
 def resolve_device(device: str) -> str:

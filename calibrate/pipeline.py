@@ -5,6 +5,8 @@ Plain functions with the CLI as a thin layer on top (``calibrate/cli.py``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from collections.abc import Sequence
@@ -17,13 +19,14 @@ import calibrate
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, load_table, next_version, save_table
 
+from .corpus import load_corpus
 from .errors import CalibrationError
 from .evaluate import matrix_errors
 from .fit import FitResult, FitSettings, fit
 from .objective import sample_errors, stack_spectra
 from .progress import Stages
 from .sampling import Sample
-from .sampling.harvest import harvest, resolve_steps
+from .sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
 from .sampling.real import load_real_samples
 from .sampling.synthetic import synthetic_samples
@@ -102,20 +105,52 @@ def collect_samples(
     if missing > 0:
         steps = resolve_steps(key, missing, request.harvest_steps, device=request.device)
         with stages.stage(f"{format_shape(key)} harvest ({steps} training steps)", steps) as advance:
-            real += harvest(
-                key,
-                missing,
-                seed=request.seed,
-                corpus=request.corpus,
-                steps=steps,
-                device=request.device,
-                progress=advance,
-            )
+            real += harvested(key, missing, steps, request, advance)
     with stages.stage(f"{format_shape(key)} synthetic samples", n_synthetic) as advance:
         synthetic = synthetic_samples(key, n_synthetic, seed=request.seed)
         advance(n_synthetic)
     samples = real + synthetic
     reject_non_finite(samples)
+    return samples
+
+
+def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest, advance) -> list[Sample]:
+    """The harvester's samples, from the on-disk cache when the same harvest ran before.
+
+    The key covers everything a harvest depends on (shape, count, steps, seed, device type and the
+    corpus bytes), so a cached file is exactly what a new harvest would record; a re-fit with another
+    --schedule or search setting then skips the training run.
+    """
+    if request.cache_dir is None:
+        return harvest(
+            key,
+            count,
+            seed=request.seed,
+            corpus=request.corpus,
+            steps=steps,
+            device=request.device,
+            progress=advance,
+        )
+    text, _ = load_corpus(request.corpus)
+    identity = json.dumps(
+        [HARVEST_FORMAT, key, count, steps, request.seed, torch.device(request.device).type]
+    )
+    digest = hashlib.sha256(identity.encode() + text).hexdigest()[:32]
+    path = request.cache_dir / "harvest" / f"{digest}.safetensors"
+    if path.exists():
+        advance(steps)
+        return load_harvest(path)
+    samples = harvest(
+        key,
+        count,
+        seed=request.seed,
+        corpus=request.corpus,
+        steps=steps,
+        device=request.device,
+        progress=advance,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_harvest(samples, path, overwrite=True)
     return samples
 
 
@@ -245,7 +280,7 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
 def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeResult]]:
     """Calibrate every shape, then write the table once; nothing is written if any stage fails."""
     files = load_real_samples(request.real, request.shapes) if request.real else {}
-    cache = SpectrumCache(request.cache_dir)
+    cache = SpectrumCache(request.cache_dir / "spectra" if request.cache_dir else None)
     results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
     table = build_table(request, results)
     return save_table(table, request.out), results

@@ -106,7 +106,9 @@ def test_tiny_end_to_end_run_writes_a_table_that_root_loads_and_is_reproducible(
     provenance = table.provenance
     assert provenance["ratio"] == "1:2" and provenance["clip_quantile"] == 0.9 and provenance["seed"] == 0
     assert any(source.startswith("harvest:") for source in provenance["sources"]["16x48"])
-    # Same inputs and seed: identical coefficients, in the next free version (never overwriting).
+    assert len(list((tmp_path / "cache" / "harvest").glob("*.safetensors"))) == 1
+    # Same inputs and seed: identical coefficients, in the next free version (never overwriting); the
+    # second run reads the harvest and the spectra back from the cache.
     second = invoke([*TINY, "--out", str(tmp_path), "--name", "tiny", "--cache", str(tmp_path / "cache")])
     assert second.exit_code == 0, second.output
     assert second.output.strip().splitlines()[-1] == str(tmp_path / "tiny" / "v2.json")
