@@ -194,3 +194,13 @@ def test_compiled_tensor_path_does_not_recompile_for_new_coefficient_values(gene
 def test_bad_input_is_named_in_the_error(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_default_bf16_tracks_the_float64_cpu_reference(shape, generator):
+    G = torch.randn(shape, generator=generator)
+    reference = orthogonalize(G.double(), POLAR_EXPRESS, dtype=torch.float64)
+    out = orthogonalize(G.cuda(), POLAR_EXPRESS)  # default on CUDA: bf16
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert relative_error(out.cpu(), reference) < BF16_RTOL

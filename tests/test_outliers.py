@@ -146,3 +146,12 @@ def test_zero_matrix_has_zero_threshold_and_no_outliers():
 def test_bad_input_is_named_in_the_error(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(64, 96), (700, 600), (2, 520, 700)])
+def test_cuda_threshold_equals_the_cpu_one(shape, generator):
+    M = torch.randn(shape, generator=generator) ** 3
+    torch.testing.assert_close(
+        abs_quantile(M.cuda(), 0.9).cpu(), abs_quantile(M, 0.9), rtol=THRESHOLD_RTOL, atol=0
+    )
