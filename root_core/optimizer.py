@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.adam import adam
 
+from .distributed import (
+    check_data_parallel,
+    check_row_sharded,
+    is_dtensor,
+    local_tensor,
+    orthogonalize_replicated,
+    orthogonalize_sharded,
+    resolve_data_parallel,
+)
 from .newton_schulz import DEFAULT_EPS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .schedule import Schedule
 from .tables import CoefficientTable, load_table
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ROOT", "root_param_groups"]
 
@@ -50,6 +62,11 @@ class ROOT(torch.optim.Optimizer):
         missing_shape: ``"default"``, ``"error"`` or ``"nearest"`` for shapes the table does not list.
         adamw_betas, adamw_eps: AdamW settings for groups with ``use_root=False`` and for parameters
             that are not matrices (a group's ``use_root=None`` decides per parameter by ``ndim``).
+        data_parallel: how plain (replicated, DDP) parameters share the NS work across ranks: ``None``
+            splits it over the default group when torch.distributed is initialised with several ranks,
+            ``False`` never splits (ranks holding different parameters), ``True`` insists on the default
+            group, a ``ProcessGroup`` splits over that group. FSDP2's DTensor parameters are always
+            handled across their mesh. See :mod:`root_core.distributed`.
 
     Example::
 
@@ -74,9 +91,12 @@ class ROOT(torch.optim.Optimizer):
         missing_shape: str = "default",
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = DEFAULT_ADAMW_EPS,
+        data_parallel: bool | ProcessGroup | None = None,
     ) -> None:
         if missing_shape not in MISSING_SHAPE_POLICIES:
             raise ValueError(f"missing_shape must be one of {MISSING_SHAPE_POLICIES}, got {missing_shape!r}")
+        check_data_parallel(data_parallel)
+        self.data_parallel = data_parallel
         self.table: CoefficientTable = load_table(table)
         self.missing_shape = missing_shape
         self._schedules: dict[tuple[tuple[int, int], int | None], Schedule] = {}
@@ -109,6 +129,7 @@ class ROOT(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("data_parallel", None)  # pickled before the setting existed
         # Checkpoints written before a group key existed still load, with that key's default.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -145,31 +166,70 @@ class ROOT(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("ROOT does not support sparse gradients")
                 (root_params if _routes_to_root(group, p) else adamw_params).append(p)
-            for p in root_params:
-                self._root_update(p, group)
+            if root_params:
+                self._root_updates(root_params, group)
             if adamw_params:
                 self._adamw_update(adamw_params, group)
         return loss
 
+    def _root_updates(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Step one group's matrices: alone, or with the NS work shared across ranks (distributed.py)."""
+        sharded = [p for p in params if is_dtensor(p)]
+        replicated = [p for p in params if not is_dtensor(p)]
+        process_group = resolve_data_parallel(self.data_parallel) if replicated else None
+        if process_group is None:
+            for p in replicated:
+                self._root_update(p, group)
+        elif replicated:
+            updates = [self._momentum_update(p, group) for p in replicated]
+            directions = orthogonalize_replicated(
+                updates, lambda batch: self._directions(batch, group), group=process_group
+            )
+            self._apply_updates(replicated, directions, group)
+        if sharded:
+            check_row_sharded(sharded)
+            updates = [self._momentum_update(p, group) for p in sharded]
+            directions = orthogonalize_sharded(sharded, updates, lambda batch: self._directions(batch, group))
+            self._apply_updates(sharded, directions, group)
+
     def _root_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        update = self._momentum_update(p, group)
+        self._apply_updates([p], [self._directions(update, group)], group)
+
+    def _momentum_update(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """Step the momentum buffer; return the (Nesterov) update as a matrix of this rank's rows."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             # Contiguous, so a conv kernel's buffer can be viewed as its (out, in·∏k) matrix in place.
+            # A DTensor parameter gets a DTensor buffer with its placement: the state stays sharded.
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        matrix_shape = _matrix_shape(p)
-        update = root_direction(
-            p.grad.reshape(matrix_shape),
-            state["momentum_buffer"].view(matrix_shape),
-            self._schedule_for(p, group["ns_steps"]),
+        buffer = local_tensor(state["momentum_buffer"])
+        local_shape = (buffer.shape[0], _matrix_shape(p)[1])
+        return momentum_update(
+            local_tensor(p.grad).reshape(local_shape),
+            buffer.view(local_shape),
             momentum=group["momentum"],
             nesterov=group["nesterov"],
+        )
+
+    def _directions(self, update: Tensor, group: dict[str, Any]) -> Tensor:
+        """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices."""
+        return clipped_direction(
+            update,
+            self._schedule_for_shape(tuple(update.shape[-2:]), group["ns_steps"]),
             outlier_quantile=group["outlier_quantile"],
             eps=group["eps"],
-            ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(p.device),
+            ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(update.device),
         )
+
+    def _apply_updates(self, params: list[Tensor], directions: list[Tensor], group: dict[str, Any]) -> None:
+        """Weight decay and the step, on each rank's own rows (a DTensor's local shard)."""
         lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.view_as(p), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], matrix_shape))
+        for p, direction in zip(params, directions, strict=True):
+            local = local_tensor(p)
+            local.mul_(1 - lr * group["weight_decay"])
+            alpha = -adjusted_lr(lr, group["adjust_lr_fn"], _matrix_shape(p))
+            local.add_(direction.view_as(local), alpha=alpha)
 
     def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -202,7 +262,9 @@ class ROOT(torch.optim.Optimizer):
         )
 
     def _schedule_for(self, p: Tensor, ns_steps: int | None) -> Schedule:
-        shape = _matrix_shape(p)
+        return self._schedule_for_shape(_matrix_shape(p), ns_steps)
+
+    def _schedule_for_shape(self, shape: tuple[int, int], ns_steps: int | None) -> Schedule:
         key = ((min(shape), max(shape)), ns_steps)
         if key not in self._schedules:
             schedule = self.table.schedule_for(shape, missing=self.missing_shape)
@@ -227,8 +289,25 @@ def root_direction(
     It is (1−μ) times the ROOT reference's buf ← μ·buf + g, a factor that neither the quantile clip
     nor the Frobenius normalisation sees, so both give the same direction.
     """
+    update = momentum_update(grad, momentum_buffer, momentum=momentum, nesterov=nesterov)
+    return clipped_direction(update, schedule, outlier_quantile=outlier_quantile, eps=eps, ns_dtype=ns_dtype)
+
+
+def momentum_update(grad: Tensor, momentum_buffer: Tensor, *, momentum: float, nesterov: bool) -> Tensor:
+    """The elementwise half of :func:`root_direction`: it needs no whole matrix, so shards do it alone."""
     momentum_buffer.lerp_(grad, 1 - momentum)
-    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+
+
+def clipped_direction(
+    update: Tensor,
+    schedule: Schedule,
+    *,
+    outlier_quantile: float | None,
+    eps: float,
+    ns_dtype: torch.dtype,
+) -> Tensor:
+    """The whole-matrix half of :func:`root_direction`, matrix by matrix over any batch dimensions."""
     if outlier_quantile is not None:
         update = clip_to_quantile(update, outlier_quantile)
     return orthogonalize(update, schedule, eps=eps, dtype=ns_dtype)
