@@ -15,9 +15,9 @@ import datetime as dt
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from results import publish
 
 from calibrate.fit import compress
 from calibrate.objective import mean_error
@@ -25,7 +25,6 @@ from calibrate.shapes import parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table, orthogonalize
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 CALIBRATION_SAMPLES = 12  # the default run: 16 samples, a quarter held out for validation
 
 
@@ -78,10 +77,7 @@ def main() -> None:
             "",
         ]
     )
-    print(report)
-    if args.record:
-        with RESULTS.open("a") as out:
-            out.write("\n" + report)
+    publish(report, args.record)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from results import publish
 from torch import nn
 
 from root_core import ROOT, orthogonalize
@@ -26,7 +26,6 @@ from root_core.newton_schulz import default_ns_dtype
 from root_core.outliers import clip_to_quantile
 
 LLAMA_BLOCK = [(4096, 4096), (4096, 11008), (11008, 4096)]  # attention out, MLP up, MLP down (LLaMA-2-7B)
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,7 +89,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every dimension (smoke runs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--table", default="root-paper")
-    parser.add_argument("--record", action="store_true", help=f"append the table to {RESULTS.name}")
+    parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     # torch.optim.Muon always iterates in bf16, so ROOT runs in bf16 too: same dtype, same work.
@@ -127,10 +126,7 @@ def main() -> None:
         f" the device default) | {fp32_clip:.4f} | {fp32_ns:.4f} | {fp32_clip / fp32_ns:.1%} |"
     )
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.record:
-        with RESULTS.open("a") as out:
-            out.write("\n" + report)
+    publish(report, args.record)
 
 
 if __name__ == "__main__":

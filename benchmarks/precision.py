@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import publish
 
 from calibrate.evaluate import matrix_errors
 from calibrate.objective import safety, sample_errors, stack_spectra
@@ -28,7 +29,6 @@ from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 BASELINES = ("muon", "polar-express", "root-paper")
 HELD_OUT_SEED = 1  # calibration harvests with seed 0
 
@@ -113,10 +113,7 @@ def main() -> None:
             )
         print(f"{format_shape(key)}: {count} held-out matrices in {seconds:.0f} s", flush=True)
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.record:
-        with RESULTS.open("a") as out:
-            out.write("\n" + report)
+    publish(report, args.record)
 
 
 if __name__ == "__main__":
