@@ -3,8 +3,8 @@ and give the quantile clip and NS whole matrices for FSDP2's row-sharded (DTenso
 
 The momentum update is elementwise and cheap, so every rank does it on what it holds. What needs a whole
 matrix — the clip at the quantile of |update| and the orthogonalisation — is the expensive part, so each
-matrix gets one owner rank, chosen to balance the NS cost (Dion and the distributed Muon implementations
-split the work the same way):
+matrix gets one owner rank, chosen to balance the NS cost (KellerJordan/Muon's DDP version shares the
+matrices round-robin and all-gathers the results; microsoft/dion's Muon uses all-to-all for sharded ones):
 
 * replicated parameters: every rank holds the whole update already; owners orthogonalise their share,
   batched by shape, and one ``all_gather`` per shape hands every rank every result, so all ranks apply
@@ -46,8 +46,8 @@ BatchDirections = Callable[[Tensor], Tensor]
 def is_dtensor(tensor: Tensor) -> bool:
     """True for ``torch.distributed.tensor.DTensor`` (FSDP2's parameters and gradients).
 
-    No DTensor can exist before its module is imported, and importing it costs 0.5 s, so single-device
-    use never pays for it.
+    No DTensor can exist before its module is imported, so a look in ``sys.modules`` answers without
+    importing it (0.5 s) where nothing else has.
     """
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
