@@ -114,6 +114,7 @@ def _worker(rank: int, scenario: str, out_dir: str) -> None:
         )
         results = _ddp_scenario(rank, out) if scenario == "ddp" else _fsdp_scenario(rank, out)
         torch.save(results, out / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while another still talks to it
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
@@ -216,7 +217,10 @@ def spawn_workers(scenario: str, out: Path) -> list[dict[str, Any]]:
     errors = [p.read_text() for p in sorted(out.glob("rank*.error"))]
     assert not errors, "\n".join(errors)
     assert not stuck, f"{scenario} workers still running after {WORKER_TIMEOUT_S} s"
-    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    codes = [w.exitcode for w in workers]
+    assert codes == [0] * WORLD_SIZE, (
+        f"exit codes {codes}; results from {sorted(p.name for p in out.glob('rank*.pt'))}"
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
