@@ -121,7 +121,8 @@ def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest
     corpus bytes), so a cached file is exactly what a new harvest would record; a re-fit with another
     --schedule or search setting then skips the training run.
     """
-    if request.cache_dir is None:
+
+    def record() -> list[Sample]:
         return harvest(
             key,
             count,
@@ -131,6 +132,9 @@ def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest
             device=request.device,
             progress=advance,
         )
+
+    if request.cache_dir is None:
+        return record()
     text, _ = load_corpus(request.corpus)
     identity = json.dumps(
         [HARVEST_FORMAT, key, count, steps, request.seed, torch.device(request.device).type]
@@ -140,15 +144,7 @@ def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest
     if path.exists():
         advance(steps)
         return load_harvest(path)
-    samples = harvest(
-        key,
-        count,
-        seed=request.seed,
-        corpus=request.corpus,
-        steps=steps,
-        device=request.device,
-        progress=advance,
-    )
+    samples = record()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_harvest(samples, path, overwrite=True)
     return samples
