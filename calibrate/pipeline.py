@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import calibrate
 from root_core.schedule import Schedule
@@ -60,6 +61,7 @@ class CalibrationRequest:
     validation_fraction: float = 0.25
     check_samples: int = 2
     command: str = ""
+    ranks: int = 1  # torchrun processes sharing the work (calibrate/ranks.py)
 
 
 @dataclass
@@ -95,23 +97,50 @@ class ShapeResult:
         }
 
 
+@dataclass
+class SamplePlan:
+    """Where a shape's samples come from, in sample order: files, then a harvest, then synthetic.
+
+    Sample ``i`` of a shape is the same matrix however the work is split (``calibrate/ranks.py``).
+    """
+
+    key: ShapeKey
+    files: list[Sample]
+    harvest: int
+    synthetic: int
+
+    @property
+    def real(self) -> int:
+        return len(self.files) + self.harvest
+
+
+def plan_samples(key: ShapeKey, request: CalibrationRequest, files: list[Sample]) -> SamplePlan:
+    """The requested real:synthetic counts; real ones from files first, the rest harvested."""
+    n_real, n_synthetic = split_counts(request.samples, request.ratio)
+    real = _spread(files, n_real)
+    return SamplePlan(key=key, files=real, harvest=n_real - len(real), synthetic=n_synthetic)
+
+
 def collect_samples(
     key: ShapeKey, request: CalibrationRequest, stages: Stages, files: list[Sample]
 ) -> list[Sample]:
     """The shape's samples at the requested real:synthetic ratio; real ones from files, else harvested."""
-    n_real, n_synthetic = split_counts(request.samples, request.ratio)
-    real = _spread(files, n_real)
-    missing = n_real - len(real)
-    if missing > 0:
-        steps = resolve_steps(key, missing, request.harvest_steps, device=request.device)
-        with stages.stage(f"{format_shape(key)} harvest ({steps} training steps)", steps) as advance:
-            real += harvested(key, missing, steps, request, advance)
-    with stages.stage(f"{format_shape(key)} synthetic samples", n_synthetic) as advance:
-        synthetic = synthetic_samples(key, n_synthetic, seed=request.seed)
-        advance(n_synthetic)
+    plan = plan_samples(key, request, files)
+    real = list(plan.files)
+    if plan.harvest > 0:
+        real += harvest_stage(plan, request, stages)
+    with stages.stage(f"{format_shape(key)} synthetic samples", plan.synthetic) as advance:
+        synthetic = synthetic_samples(key, plan.synthetic, seed=request.seed)
+        advance(plan.synthetic)
     samples = real + synthetic
     reject_non_finite(samples)
     return samples
+
+
+def harvest_stage(plan: SamplePlan, request: CalibrationRequest, stages: Stages) -> list[Sample]:
+    steps = resolve_steps(plan.key, plan.harvest, request.harvest_steps, device=request.device)
+    with stages.stage(f"{format_shape(plan.key)} harvest ({steps} training steps)", steps) as advance:
+        return harvested(plan.key, plan.harvest, steps, request, advance)
 
 
 def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest, advance) -> list[Sample]:
@@ -165,46 +194,82 @@ def calibrate_shape(
     ) as advance:
         spectra = {}
         for sample in samples:
-            spectra[id(sample)] = cache.spectrum(
-                sample.matrix, clip_quantile=request.clip_quantile, device=request.device
-            )
+            spectra[id(sample)] = sample_spectrum(sample, request, cache)
             advance(1)
     seconds["spectra"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
-        fitted = fit(
-            stack_spectra([spectra[id(s)] for s in calibration]), request.fit, label=format_shape(key)
-        )
-        advance(1)
+    fitted = fit_shape(key, [spectra[id(s)] for s in calibration], request, stages)
     seconds["fit"] = time.perf_counter() - started
 
-    schedules = {"calibrated": fitted.schedule, **baseline_schedules(key)}
-    validation_spectra = stack_spectra([spectra[id(s)] for s in validation])
-    spectral = {label: sample_errors(validation_spectra, s).tolist() for label, s in schedules.items()}
     started = time.perf_counter()
     checked = validation[: request.check_samples]
+    with stages.stage(f"{format_shape(key)} matrix check vs SVD", len(checked)) as advance:
+        matrix = check_matrices(key, [s.matrix for s in checked], fitted, request, advance)
+    seconds["check"] = time.perf_counter() - started
+    return shape_result(key, fitted, request, samples, spectra, matrix, seconds)
+
+
+def sample_spectrum(sample: Sample, request: CalibrationRequest, cache: SpectrumCache) -> Tensor:
+    return cache.spectrum(sample.matrix, clip_quantile=request.clip_quantile, device=request.device)
+
+
+def fit_shape(key: ShapeKey, spectra: list[Tensor], request: CalibrationRequest, stages: Stages) -> FitResult:
+    with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
+        fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
+        advance(1)
+    return fitted
+
+
+def check_schedules(key: ShapeKey, fitted: FitResult) -> dict[str, Schedule]:
+    return {"calibrated": fitted.schedule, **baseline_schedules(key)}
+
+
+def check_matrices(
+    key: ShapeKey, matrices: list[Tensor], fitted: FitResult, request: CalibrationRequest, advance
+) -> dict[str, dict[str, list[float]]]:
+    """The real iteration on validation matrices against the SVD polar factor, calibrated and baselines."""
+    schedules = check_schedules(key, fitted)
     # float32 and bf16 for the calibrated rows; baselines in bf16 only, which keeps the check
     # affordable on a CPU at 4096×11008 (their float32 error equals the spectral one to ~1e-5).
     dtypes = {
         label: ("float32", "bfloat16") if label == "calibrated" else ("bfloat16",) for label in schedules
     }
-    with stages.stage(f"{format_shape(key)} matrix check vs SVD", len(checked)) as advance:
-        matrix = matrix_errors(
-            [s.matrix for s in checked],
-            schedules,
-            clip_quantile=request.clip_quantile,
-            device=request.device,
-            dtypes=dtypes,
-            advance=advance,
-        )
-    seconds["check"] = time.perf_counter() - started
+    return matrix_errors(
+        matrices,
+        schedules,
+        clip_quantile=request.clip_quantile,
+        device=request.device,
+        dtypes=dtypes,
+        advance=advance,
+    )
+
+
+def shape_result(
+    key: ShapeKey,
+    fitted: FitResult,
+    request: CalibrationRequest,
+    samples: Sequence[Sample],
+    spectra: dict[int, Tensor],
+    matrix: dict[str, dict[str, list[float]]],
+    seconds: dict[str, float],
+) -> ShapeResult:
+    """Validation errors and sample counts around a fit; ``spectra`` is keyed by ``id(sample)``.
+
+    ``samples`` only need ``kind`` and ``source`` (the rank-split run passes lightweight records).
+    """
+    calibration, validation = train_validation_split(samples, request.validation_fraction, seed=request.seed)
+    validation_spectra = stack_spectra([spectra[id(s)] for s in validation])
+    spectral = {
+        label: sample_errors(validation_spectra, s).tolist()
+        for label, s in check_schedules(key, fitted).items()
+    }
     counts = {
         "real": sum(s.kind == "real" for s in samples),
         "synthetic": sum(s.kind == "synthetic" for s in samples),
         "calibration": len(calibration),
         "validation": len(validation),
-        "matrix_checked": len(checked),
+        "matrix_checked": len(validation[: request.check_samples]),
     }
     return ShapeResult(
         key=key,
@@ -270,6 +335,8 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
             {"name": s.name, "shape": list(s.shape), "count": s.count} for s in request.layer_shapes or []
         ],
         "sources": {format_shape(r.key): r.sources for r in results},
+        # Only split runs say so, so a single-process table is unchanged by the option existing.
+        **({"ranks": request.ranks} if request.ranks > 1 else {}),
     }
 
 
