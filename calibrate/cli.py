@@ -19,10 +19,11 @@ from rich.table import Table
 
 from root_core.tables import TableError
 
+from . import ranks
 from .errors import CalibrationError
 from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
 from .objective import DEFAULT_MAX_GAIN
-from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, run
+from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs
 from .progress import stages
 from .sampling.mix import parse_ratio
 from .sampling.real import validate_real_paths
@@ -130,7 +131,8 @@ def calibrate_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Fit per-shape coefficients against the SVD polar factor and write a versioned table."""
-    try:
+
+    def checked_request() -> CalibrationRequest:
         request = CalibrationRequest(
             shapes=[],
             out=out_dir,
@@ -160,10 +162,20 @@ def calibrate_command(
         check_calibration_inputs(request)
         validate_real_paths(request.real)
         check_out_dir(out_dir)
-        with stages(quiet, err) as progress:
-            path, results = run(request, progress)
+        return request
+
+    # Under torchrun every rank runs this (calibrate/ranks.py); rank 0 alone prints, and writes the table.
+    try:
+        with ranks.joined() as team:
+            request = team.agree(checked_request)
+            with stages(quiet or not team.leader, err) as progress:
+                path, results = ranks.run(request, progress, team)
     except (CalibrationError, TableError) as error:
+        if not ranks.is_leader():
+            raise typer.Exit(1) from None
         fail(str(error))
+    if not ranks.is_leader():
+        return
     if not quiet:
         out.print(summary(results))
     out.print(str(path), markup=False, highlight=False, soft_wrap=True)
