@@ -1,12 +1,21 @@
-"""Precision on held-out real momentum: calibrated tables against the published coefficient sets.
+"""Precision on held-out real momentum and on synthetic families: calibrated tables against published sets.
 
 Held-out means calibration never saw it: momentum harvested with another seed from another corpus
 (default: the installed torch package's Python sources, where calibration trains on the standard
-library). Every matrix is clipped as the optimizer clips it (q=0.9 unless the table says otherwise),
-then scored at 5 steps: the float64 spectral error for all held-out matrices, and the measured bf16
-matrix error of ``orthogonalize`` against the SVD polar factor for the first ``--matrix-count``.
+library), and synthetic matrices drawn with a seed no calibration uses (SYNTHETIC_SEED). Every matrix
+is clipped as the optimizer clips it (q=0.9 unless the table says otherwise), then scored at each
+set's own step count (5; you-6step: 6): the float64 spectral error for every matrix, and the measured
+bf16 matrix error of ``orthogonalize`` against the SVD polar factor for the first ``--matrix-count``
+real matrices (and ``--synthetic-matrix-count`` per synthetic family).
+
+Two outputs. The default lists, per shape, every calibrated table and baseline on held-out real
+momentum. ``--leaderboard`` adds one row per synthetic family and lays the sets out side by side:
+classic, Muon, You 6-step, Polar Express, ROOT paper, ours shared and ours per-step (the first
+``--table`` of that form that lists the shape; "—" where none does, never a silent default).
 
     python benchmarks/precision.py --table llama-3.2-1b --table llama-3.2-1b-shared --record
+    python benchmarks/precision.py --leaderboard --table llama-2-7b --table llama-2-7b-shared \\
+        --shapes 64x256,128x512,256x1024,4096x4096 --record
     python benchmarks/precision.py --table tiny --shapes 64x256 --count 4 --steps 40
 """
 
@@ -14,23 +23,46 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import json
+import math
 import platform
+import shlex
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from results import publish
 
+from calibrate.cli import default_cache_dir
+from calibrate.corpus import load_corpus
+from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors
 from calibrate.objective import safety, sample_errors, stack_spectra
-from calibrate.sampling.harvest import harvest
+from calibrate.sampling import Sample
+from calibrate.sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
+from calibrate.sampling.synthetic import FAMILIES, synthetic_sample
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table
+from root_core.schedule import Schedule
+from root_core.tables import CoefficientTable
 
-BASELINES = ("muon", "polar-express", "root-paper")
+# The published sets (DESIGN.md §2), weakest first; root-paper only where it published the shape.
+BASELINES = ("classic", "muon", "you-6step", "polar-express", "root-paper")
+OURS_SHARED, OURS_PER_STEP = "ours shared", "ours per-step"
+COLUMNS = (*BASELINES, OURS_SHARED, OURS_PER_STEP)
 HELD_OUT_SEED = 1  # calibration harvests with seed 0
+# Calibration draws its synthetic samples with its own --seed (0 by default, small in practice); a
+# seed far from those gives matrices no calibration run has seen.
+SYNTHETIC_SEED = 10_000
+# The leaderboard's default small shapes (next to every shape the tables list): cheap, and not in any
+# bundled calibrated table, so they show how the published sets do where ours has no entry.
+SMALL_SHAPES = "64x256,128x512,256x1024"
+MISSING = "—"
 
 
 def held_out_corpus() -> Path:
@@ -38,12 +70,12 @@ def held_out_corpus() -> Path:
     return Path(torch.__file__).parent
 
 
-def schedules_for(key, tables):
-    """Each calibrated table's rows for the shape, then the baselines (root-paper only where published)."""
+# ---- coefficient sets ------------------------------------------------------------------------------
+
+
+def baseline_schedules(key) -> dict[str, Schedule]:
+    """Every published set that applies at the shape (root-paper only where it published it)."""
     schedules = {}
-    for table in tables:
-        if key in table.shapes:
-            schedules[f"{table.name}@{table.version}"] = table.schedule_for(key)
     for name in BASELINES:
         baseline = load_table(name)
         if not baseline.entries or key in baseline.shapes:
@@ -51,68 +83,295 @@ def schedules_for(key, tables):
     return schedules
 
 
-def measure_shape(key, tables, args):
-    started = time.perf_counter()
-    samples = harvest(key, args.count, seed=HELD_OUT_SEED, corpus=args.corpus, steps=args.steps)
-    clip = tables[0].provenance.get("clip_quantile", 0.9)
+def schedules_for(key, tables) -> dict[str, Schedule]:
+    """Each calibrated table's rows for the shape (tables that list it), then the baselines."""
+    schedules = {}
+    for table in tables:
+        if key in table.shapes:
+            schedules[label(table)] = table.schedule_for(key)
+    return {**schedules, **baseline_schedules(key)}
+
+
+def leaderboard_schedules(key, tables) -> tuple[dict[str, Schedule], dict[str, str]]:
+    """Column → schedule at the shape, and which table fills each "ours" column.
+
+    A calibrated entry with one row is the paper's shared-triple form, more rows are per-step.
+    """
+    schedules = baseline_schedules(key)
+    sources: dict[str, str] = {}
+    for table in tables:
+        if key not in table.shapes:
+            continue
+        schedule = table.schedule_for(key)
+        column = OURS_PER_STEP if len(schedule.rows) > 1 else OURS_SHARED
+        if column not in schedules:
+            schedules[column] = schedule
+            sources[column] = label(table)
+    return schedules, sources
+
+
+def label(table: CoefficientTable) -> str:
+    return f"{table.name}@{table.version}"
+
+
+def check_held_out(tables, corpus: Path) -> None:
+    """Refuse to score a table on the very momentum or synthetic stream it was calibrated on."""
+    for table in tables:
+        seed = table.provenance.get("seed")
+        if seed == HELD_OUT_SEED and table.provenance.get("corpus") == str(corpus):
+            raise SystemExit(f"table {label(table)} was calibrated on seed {seed} of {corpus}: not held out")
+        if seed == SYNTHETIC_SEED:
+            raise SystemExit(f"table {label(table)} was calibrated with synthetic seed {seed}: not held out")
+
+
+# ---- samples ---------------------------------------------------------------------------------------
+
+
+def held_out_samples(key, args) -> list[Sample]:
+    """The held-out harvest, read back from ``--cache`` when the same harvest ran before.
+
+    The key covers what a harvest depends on (shape, count, steps, seed, corpus bytes), so a cached
+    file is exactly what a new run would record; its folder is apart from calibration's cache.
+    """
+    steps = resolve_steps(key, args.count, args.steps)
+    if args.cache is None:
+        return harvest(key, args.count, seed=HELD_OUT_SEED, corpus=args.corpus, steps=steps)
+    text, _ = load_corpus(args.corpus)
+    identity = json.dumps([HARVEST_FORMAT, list(key), args.count, steps, HELD_OUT_SEED, "cpu"])
+    digest = hashlib.sha256(identity.encode() + text).hexdigest()[:32]
+    path = args.cache / "held-out-harvest" / f"{digest}.safetensors"
+    if path.exists():
+        return load_harvest(path)
+    samples = harvest(key, args.count, seed=HELD_OUT_SEED, corpus=args.corpus, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_harvest(samples, path, overwrite=True)
+    return samples
+
+
+def synthetic_sets(key, count: int) -> dict[str, list[Sample]]:
+    """``count`` matrices of every synthetic family, from the held-out synthetic seed."""
+    return {
+        family: [synthetic_sample(key, i, seed=SYNTHETIC_SEED, family=family) for i in range(count)]
+        for family in FAMILIES
+    }
+
+
+# ---- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """One sample set's errors per coefficient set (label → mean); bf16 is NaN where nothing was checked."""
+
+    spectral: dict[str, float]
+    worst: dict[str, float]
+    bf16: dict[str, float]
+    count: int
+    checked: int
+
+
+def score(samples: list[Sample], schedules: dict[str, Schedule], clip, checked: int) -> Scores:
     spectra = stack_spectra([normalized_spectrum(s.matrix, clip_quantile=clip) for s in samples])
-    schedules = schedules_for(key, tables)
+    checked = min(checked, len(samples))
     matrix = matrix_errors(
-        [s.matrix for s in samples[: args.matrix_count]],
+        [s.matrix for s in samples[:checked]],
         schedules,
         clip_quantile=clip,
-        dtypes={label: ("bfloat16",) for label in schedules},
+        dtypes={name: ("bfloat16",) for name in schedules},
     )
-    rows = []
-    for label, schedule in schedules.items():
+    spectral, worst, bf16 = {}, {}, {}
+    for name, schedule in schedules.items():
         errors = sample_errors(spectra, schedule).tolist()
-        rows.append(
-            (
-                label,
-                statistics.mean(errors),
-                max(errors),
-                statistics.mean(matrix[label]["bfloat16"]),
-                safety(schedule).high,
-            )
+        spectral[name], worst[name] = statistics.mean(errors), max(errors)
+        measured = matrix[name].get("bfloat16", [])
+        bf16[name] = statistics.mean(measured) if measured else math.nan
+    return Scores(spectral, worst, bf16, len(samples), checked)
+
+
+# ---- reports ---------------------------------------------------------------------------------------
+
+
+def header(args) -> list[str]:
+    machine = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    kind = "precision leaderboard" if args.leaderboard else "precision"
+    synthetic = (
+        f"; synthetic: {args.synthetic_count} per family, seed {SYNTHETIC_SEED} (calibration: its --seed, "
+        f"0 by default), bf16-checked {args.synthetic_matrix_count} per family"
+        if args.leaderboard
+        else ""
+    )
+    return [
+        f"### {kind} — {dt.date.today()} — {machine} — torch {torch.__version__}",
+        "",
+        f"Command: `python benchmarks/precision.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
+        f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}` sources (calibration: seed 0, stdlib)"
+        f"{synthetic}. Clipped as ROOT clips; each set at its own step count (5; you-6step: 6); "
+        "errors relative to the exact polar factor.",
+        "",
+    ]
+
+
+def long_rows(key, scores: Scores, schedules) -> list[str]:
+    return [
+        f"| {format_shape(key)} | {name} | {scores.spectral[name]:.4f} | {scores.worst[name]:.4f} | "
+        f"{scores.bf16[name]:.4f} | {safety(schedule).high:.4f} |"
+        for name, schedule in schedules.items()
+    ]
+
+
+def run_long(keys, tables, args) -> str:
+    lines = [
+        *header(args),
+        "| shape | coefficients | mean spectral error (f64) | worst | bf16 matrix error | max P on [0,1] |",
+        "|---|---|---|---|---|---|",
+    ]
+    clip = clip_quantile(tables)
+    for key in keys:
+        started = time.perf_counter()
+        samples = held_out_samples(key, args)
+        schedules = schedules_for(key, tables)
+        lines += long_rows(key, score(samples, schedules, clip, args.matrix_count), schedules)
+        progress(
+            f"{format_shape(key)}: {len(samples)} held-out matrices in {time.perf_counter() - started:.0f} s"
         )
-    return rows, len(samples), time.perf_counter() - started
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def cells(values: dict[str, float]) -> list[str]:
+    """One cell per column, the row's lowest error in bold, "—" for sets without an entry here."""
+    present = [v for v in values.values() if not math.isnan(v)]
+    best = min(present) if present else math.nan
+    out = []
+    for column in COLUMNS:
+        value = values.get(column, math.nan)
+        text = MISSING if math.isnan(value) else f"{value:.4f}"
+        out.append(f"**{text}**" if value == best else text)
+    return out
+
+
+def table_row(key, what: str, values: list[str]) -> str:
+    return f"| {format_shape(key)} | {what} | {' | '.join(values)} |"
+
+
+def leaderboard_shape(key, tables, args) -> tuple[list[str], list[str], str]:
+    """The shape's f64 rows, bf16 rows and a note naming the tables behind the "ours" columns."""
+    clip = clip_quantile(tables)
+    schedules, sources = leaderboard_schedules(key, tables)
+    sets = {"held-out real": (held_out_samples(key, args), args.matrix_count)}
+    sets |= {
+        f"synthetic {f}": (s, args.synthetic_matrix_count)
+        for f, s in synthetic_sets(key, args.synthetic_count).items()
+    }
+    spectral_rows, bf16_rows = [], []
+    for what, (samples, checked) in sets.items():
+        scores = score(samples, schedules, clip, checked)
+        spectral_rows.append(table_row(key, f"{what} ({scores.count})", cells(scores.spectral)))
+        if scores.checked:
+            bf16_rows.append(table_row(key, f"{what} ({scores.checked})", cells(scores.bf16)))
+    bounds = {name: safety(schedule).high for name, schedule in schedules.items()}
+    spectral_rows.append(
+        table_row(key, "max P on [0,1]", [f"{bounds[c]:.4f}" if c in bounds else MISSING for c in COLUMNS])
+    )
+    note = ", ".join(f"{column} = {source}" for column, source in sources.items()) or "no calibrated entry"
+    return spectral_rows, bf16_rows, f"{format_shape(key)}: {note}"
+
+
+def run_leaderboard(keys, tables, args) -> str:
+    columns = " | ".join(COLUMNS)
+    rule = "|---|---|" + "---|" * len(COLUMNS)
+    spectral = [
+        "Mean float64 spectral error (bold: best in the row):",
+        "",
+        f"| shape | samples | {columns} |",
+        rule,
+    ]
+    bf16 = [
+        "Mean measured bf16 matrix error (`orthogonalize` vs SVD polar factor):",
+        "",
+        f"| shape | samples | {columns} |",
+        rule,
+    ]
+    notes = []
+    for key in keys:
+        started = time.perf_counter()
+        spectral_rows, bf16_rows, note = leaderboard_shape(key, tables, args)
+        spectral += spectral_rows
+        bf16 += bf16_rows
+        notes.append(note)
+        progress(f"{format_shape(key)}: scored in {time.perf_counter() - started:.0f} s")
+    legend = [
+        "",
+        f"Ours per shape ({MISSING}: no table given lists the shape; root-paper {MISSING}: not one of its "
+        "four published shapes, where it runs Muon's triple): " + "; ".join(notes) + ".",
+        "",
+    ]
+    return "\n".join(header(args) + spectral + [""] + bf16 + legend)
+
+
+def clip_quantile(tables) -> float | None:
+    return tables[0].provenance.get("clip_quantile", 0.9)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--table", action="append", required=True, help="calibrated table(s) to score")
-    parser.add_argument("--shapes", help="default: every shape of the first table")
+    parser.add_argument(
+        "--shapes",
+        help="default: every shape of the first table (--leaderboard: of every table, plus "
+        + SMALL_SHAPES
+        + ")",
+    )
     parser.add_argument("--count", type=int, default=4, help="held-out matrices per shape")
     parser.add_argument("--matrix-count", type=int, default=1, help="of which checked with bf16 matrices")
     parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
     parser.add_argument("--corpus", type=Path, default=held_out_corpus())
+    parser.add_argument("--leaderboard", action="store_true", help="sets side by side, plus synthetic rows")
+    parser.add_argument("--synthetic-count", type=int, default=1, help="matrices per synthetic family")
+    parser.add_argument(
+        "--synthetic-matrix-count", type=int, default=1, help="of which checked with bf16 matrices"
+    )
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="held-out harvest cache")
+    parser.add_argument("--no-cache", action="store_true", help="harvest again, write nothing")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    tables = [load_table(spec) for spec in args.table]
-    keys = parse_shapes(args.shapes) if args.shapes else tables[0].shapes
-    lines = [
-        f"### precision — {dt.date.today()} — cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-        f" — torch {torch.__version__}",
-        "",
-        f"Command: `python benchmarks/precision.py {' '.join('--table ' + t for t in args.table)}"
-        f"{' --shapes ' + args.shapes if args.shapes else ''} --count {args.count} "
-        f"--matrix-count {args.matrix_count}{' --steps ' + str(args.steps) if args.steps else ''}`. "
-        f"Held-out momentum: harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}` sources (calibration: "
-        "seed 0, stdlib). 5 NS steps; errors relative to the exact polar factor.",
-        "",
-        "| shape | coefficients | mean spectral error (f64) | worst | bf16 matrix error | max P on [0,1] |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key in keys:
-        rows, count, seconds = measure_shape(key, tables, args)
-        for label, mean, worst, bf16, bound in rows:
-            lines.append(
-                f"| {format_shape(key)} | {label} | {mean:.4f} | {worst:.4f} | {bf16:.4f} | {bound:.4f} |"
-            )
-        print(f"{format_shape(key)}: {count} held-out matrices in {seconds:.0f} s", flush=True)
-    report = "\n".join(lines) + "\n"
+    for name in ("count", "synthetic_count"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("matrix_count", "synthetic_matrix_count"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.no_cache:
+        args.cache = None
+    return args
+
+
+def shapes_to_score(args, tables) -> list[tuple[int, int]]:
+    if args.shapes:
+        return parse_shapes(args.shapes)
+    if not args.leaderboard:
+        return tables[0].shapes
+    keys = [key for table in tables for key in table.shapes] + parse_shapes(SMALL_SHAPES)
+    return sorted(set(keys), key=lambda key: (key[0] * key[1], key))
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        tables = [load_table(spec) for spec in args.table]
+        keys = shapes_to_score(args, tables)
+    except (CalibrationError, ValueError, LookupError) as error:
+        raise SystemExit(f"precision.py: {error}") from None
+    check_held_out(tables, args.corpus)
+    report = run_leaderboard(keys, tables, args) if args.leaderboard else run_long(keys, tables, args)
     publish(report, args.record)
 
 

@@ -56,6 +56,52 @@ def test_precision_benchmark_smoke(tmp_path):
         "8",
         "--corpus",
         str(BENCHMARKS),
+        "--cache",
+        str(tmp_path / "cache"),
         tmp_path=tmp_path,
     )
     assert "| 16x48 | tiny@1 |" in out and "| 16x48 | polar-express |" in out
+    assert "| 16x48 | classic |" in out and "| 16x48 | you-6step |" in out
+
+
+@pytest.mark.slow
+def test_precision_leaderboard_smoke(tmp_path):
+    """Sets side by side, one row per synthetic family, "—" where no given table lists the shape."""
+    shared = CoefficientTable.create(
+        name="tiny-shared", default_rows=(3.4445, -4.7750, 2.0315), entries={(16, 48): [(3.4, -4.7, 2.0)]}
+    )
+    per_step = CoefficientTable.create(
+        name="tiny",
+        default_rows=(3.4445, -4.7750, 2.0315),
+        entries={(16, 48): [(3.4445, -4.7750, 2.0315)] * 4 + [(1.875, -1.25, 0.375)]},
+    )
+    paths = [save_table(table, tmp_path) for table in (per_step, shared)]
+    out = run_script(
+        "precision.py",
+        "--leaderboard",
+        *(arg for path in paths for arg in ("--table", str(path))),
+        "--shapes",
+        "16x48,8x32",
+        "--count",
+        "2",
+        "--steps",
+        "8",
+        "--synthetic-matrix-count",
+        "0",
+        "--corpus",
+        str(BENCHMARKS),
+        "--cache",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+    )
+    header = (
+        "| shape | samples | classic | muon | you-6step | polar-express | root-paper | ours shared |"
+        " ours per-step |"
+    )
+    assert out.count(header) == 2  # float64 spectral and bf16 matrix
+    for family in ("gaussian", "heavy_tailed", "low_rank_noise", "row_col_scaled"):
+        assert f"| 16x48 | synthetic {family} (1) |" in out
+    assert "| 16x48 | held-out real (1) |" in out  # the bf16 row: one matrix checked
+    assert "ours per-step = tiny@1, ours shared = tiny-shared@1" in out
+    eight = [line for line in out.splitlines() if line.startswith("| 8x32 | held-out real (2) |")]
+    assert eight and eight[0].endswith("| — | — | — |")  # root-paper and both of ours: no entry
