@@ -36,8 +36,15 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_calibration_speed_benchmark_smoke(tmp_path):
-    out = run_script("calibration_speed.py", "--shape", "16x48", "--repeats", "1", tmp_path=tmp_path)
-    assert "ratio matrix / spectral (full)" in out
+    out = run_script(
+        "calibration_speed.py",
+        *("--shapes", "16x48,8x32", "--shape", "16x48", "--repeats", "1", "--samples", "4"),
+        *("--harvest-steps", "8", "--fit-iterations", "2"),
+        tmp_path=tmp_path,
+    )
+    assert "| harvest | synthetic | spectra | fit | check | total | fit share |" in out
+    assert "| 16x48 | 1 + 3; 3; 1 |" in out and "| 8x32 | 1 + 3; 3; 1 |" in out
+    assert "ratio matrix / spectral (full)" in out and "median of the 4 samples above" in out
 
 
 @pytest.mark.slow
