@@ -1,7 +1,16 @@
-"""ROOT vs torch.optim.Muon step time on the matrices of a LLaMA-style block, side by side in one run.
+"""ROOT vs torch.optim.Muon vs AdamW: step time and memory on a LLaMA block's matrices, side by side.
 
-Also times the soft-threshold against the Newton–Schulz call it precedes, at each shape. Runs are
-interleaved (ROOT, Muon, ROOT, …) so drifts in machine load hit both; medians are reported.
+The matrices are one LLaMA-2-7B decoder block's (q, k, v, o, gate, up, down; the model repeats it 32
+times), scaled by --scale. Steps are interleaved (ROOT, Muon, AdamW, ROOT, …) so drifts in machine
+load hit all three; medians are reported. Memory per optimizer, measured after the timed steps:
+its state (the persistent tensors in ``optimizer.state``) and the step's workspace (the peak of the
+bytes a step allocates above what was allocated before it, temporaries included). On CUDA the
+workspace is ``torch.cuda.max_memory_allocated`` minus the allocation before the step, after
+``reset_peak_memory_stats``; on a CPU it is the same peak, from the allocation and free events that
+``torch.profiler`` records with ``profile_memory=True``. Parameters and gradients are the same for
+all three and are listed once.
+
+Also times the soft-threshold against the Newton–Schulz call it precedes, at each shape.
 
     .venv/bin/python benchmarks/optimizer_step.py                       # 4096×4096, 4096×11008, 11008×4096
     .venv/bin/python benchmarks/optimizer_step.py --scale 0.25 --repeats 3 --record
@@ -20,12 +29,17 @@ from collections.abc import Callable
 import torch
 from results import publish
 from torch import nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 from root_core import ROOT, orthogonalize
 from root_core.newton_schulz import default_ns_dtype
 from root_core.outliers import clip_to_quantile
 
-LLAMA_BLOCK = [(4096, 4096), (4096, 11008), (11008, 4096)]  # attention out, MLP up, MLP down (LLaMA-2-7B)
+# One LLaMA-2-7B decoder block, as nn.Linear weights (out, in): q, k, v, o, then MLP gate, up, down.
+LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+OPTIMIZERS = ("ROOT", "Muon", "AdamW")
+MIB = 2**20
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,15 +60,78 @@ def make_optimizers(shapes, device, ns_dtype, table):
     weights = [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
     grads = [torch.randn(shape, generator=generator) for shape in shapes]
     runs = {}
-    for name in ("ROOT", "Muon"):
+    for name in OPTIMIZERS:
         params = [nn.Parameter(w.to(device)) for w in weights]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.to(device)
         if name == "ROOT":
             runs[name] = ROOT(params, lr=0.02, table=table, ns_dtype=ns_dtype)
-        else:
+        elif name == "Muon":
             runs[name] = torch.optim.Muon(params, lr=0.02)
+        else:  # the defaults a user gets (foreach where the device supports it)
+            runs[name] = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     return runs
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors the optimizer keeps between steps (momentum, Adam moments, …)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
+
+
+def step_workspace_bytes(optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Peak bytes one step allocates above the allocation before it (temporaries, NS buffers)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        optimizer.step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        optimizer.step()
+    return peak_allocation(prof)
+
+
+def peak_allocation(prof) -> int:
+    """Running sum of the profiler's allocation events (frees are negative), in time order: its peak."""
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    total = peak = 0
+    for _, size in sorted(events):
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def memory_lines(runs, device, shapes) -> list[str]:
+    params = sum(m * n for m, n in shapes) * 4  # float32 weights; gradients take as much again
+    lines = [
+        f"Memory (MiB; parameters {params / MIB:.1f} and gradients {params / MIB:.1f}, the same for all):",
+        "",
+        "| optimizer | state | step workspace (peak) | state + workspace | vs AdamW |",
+        "|---|---|---|---|---|",
+    ]
+    totals = {}
+    for name, optimizer in runs.items():
+        state, workspace = state_bytes(optimizer), step_workspace_bytes(optimizer, device)
+        totals[name] = (state, workspace)
+    for name, (state, workspace) in totals.items():
+        adamw = sum(totals["AdamW"])
+        lines.append(
+            f"| {name} | {state / MIB:.1f} | {workspace / MIB:.1f} | {(state + workspace) / MIB:.1f} | "
+            f"{(state + workspace) / adamw:.2f} |"
+        )
+    return lines
 
 
 def bench_steps(runs, device, repeats):
@@ -73,6 +150,12 @@ def bench_threshold_share(shape, device, ns_dtype, repeats):
     clip = [timed(lambda: clip_to_quantile(M, 0.9), device) for _ in range(repeats + 1)][1:]
     ns = [timed(lambda: orthogonalize(M, rows, dtype=ns_dtype), device) for _ in range(repeats + 1)][1:]
     return statistics.median(clip), statistics.median(ns)
+
+
+def describe(shapes) -> str:
+    """The block's matrices, equal shapes counted: 4× 4096×4096, 2× 11008×4096, 4096×11008."""
+    counts = {shape: shapes.count(shape) for shape in shapes}
+    return ", ".join(f"{k}× {m}×{n}" if k > 1 else f"{m}×{n}" for (m, n), k in counts.items())
 
 
 def machine(device: torch.device) -> str:
@@ -96,33 +179,38 @@ def main() -> None:
     ns_dtype = torch.bfloat16
     shapes = [(max(1, int(m * args.scale)), max(1, int(n * args.scale))) for m, n in LLAMA_BLOCK]
 
-    step = bench_steps(make_optimizers(shapes, device, ns_dtype, args.table), device, args.repeats)
+    runs = make_optimizers(shapes, device, ns_dtype, args.table)
+    step = bench_steps(runs, device, args.repeats)
     lines = [
         f"### optimizer_step — {dt.date.today()} — {machine(device)} — torch {torch.__version__}",
         "",
         f"Command: `python benchmarks/optimizer_step.py --device {args.device} --scale {args.scale} "
-        f"--repeats {args.repeats} --table {args.table}`; NS in bf16 for both (Muon's fixed dtype), "
-        f"ROOT with soft-threshold at q=0.9; medians of {args.repeats} interleaved steps.",
+        f"--repeats {args.repeats} --table {args.table}`; NS in bf16 for ROOT and Muon (Muon's fixed dtype), "
+        f"ROOT with soft-threshold at q=0.9; AdamW (lr 1e-3, wd 0.01, torch defaults otherwise); medians "
+        f"of {args.repeats} interleaved steps.",
         "",
-        "| shapes | ROOT step (s) | Muon step (s) | ROOT / Muon |",
-        "|---|---|---|---|",
-        f"| {', '.join(f'{m}×{n}' for m, n in shapes)} | {step['ROOT']:.4f} | {step['Muon']:.4f} | "
-        f"{step['ROOT'] / step['Muon']:.3f} |",
+        "| shapes | ROOT step (s) | Muon step (s) | AdamW step (s) | ROOT / Muon | ROOT / AdamW |",
+        "|---|---|---|---|---|---|",
+        f"| {describe(shapes)} | {step['ROOT']:.4f} | {step['Muon']:.4f} | {step['AdamW']:.4f} | "
+        f"{step['ROOT'] / step['Muon']:.3f} | {step['ROOT'] / step['AdamW']:.1f} |",
+        "",
+        *memory_lines(runs, device, shapes),
         "",
         "| shape | soft-threshold (s) | NS, 5 steps bf16 (s) | threshold / NS |",
         "|---|---|---|---|",
     ]
-    for shape in shapes:
+    for shape in dict.fromkeys(shapes):  # each distinct shape once, in block order
         clip, ns = bench_threshold_share(shape, device, ns_dtype, args.repeats)
         lines.append(f"| {shape[0]}×{shape[1]} | {clip:.4f} | {ns:.4f} | {clip / ns:.1%} |")
+    target = shapes[-1]  # 4096×11008 at scale 1, where the threshold's share is the issue-2 target
     fp32_clip, fp32_ns = bench_threshold_share(
-        shapes[1],
+        target,
         device,
         default_ns_dtype(device) if device.type == "cuda" else torch.float32,
         max(1, args.repeats // 2),
     )
     lines.append(
-        f"| {shapes[1][0]}×{shapes[1][1]} (NS in {'bf16' if device.type == 'cuda' else 'float32'},"
+        f"| {target[0]}×{target[1]} (NS in {'bf16' if device.type == 'cuda' else 'float32'},"
         f" the device default) | {fp32_clip:.4f} | {fp32_ns:.4f} | {fp32_clip / fp32_ns:.1%} |"
     )
     report = "\n".join(lines) + "\n"

@@ -29,9 +29,15 @@ def run_script(name: str, *args: str, tmp_path: Path) -> str:
 @pytest.mark.slow
 def test_optimizer_step_benchmark_smoke(tmp_path):
     out = run_script(
-        "optimizer_step.py", "--scale", "0.01", "--repeats", "1", "--table", "muon", tmp_path=tmp_path
+        "optimizer_step.py", "--scale", "0.05", "--repeats", "1", "--table", "muon", tmp_path=tmp_path
     )
-    assert "| ROOT / Muon |" in out and "threshold / NS" in out
+    assert "| ROOT / Muon | ROOT / AdamW |" in out and "threshold / NS" in out
+    assert "| optimizer | state | step workspace (peak) | state + workspace | vs AdamW |" in out
+    rows = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith("| ")}
+    assert {"| ROOT", "| Muon", "| AdamW"} <= rows.keys()
+    # Muon keeps one momentum buffer per matrix, AdamW two moments: twice the state.
+    muon_state, adamw_state = (float(rows[f"| {name}"].split(" | ")[1]) for name in ("Muon", "AdamW"))
+    assert adamw_state == pytest.approx(2 * muon_state, abs=0.11)
 
 
 @pytest.mark.slow
