@@ -1,15 +1,17 @@
 """ROOT's DDP split of the Newton–Schulz work: 2 ranks against 1 process, side by side in one run (CPU).
 
-Two gloo processes hold the hidden matrices of LLaMA-3.2-1B-style blocks (q, k, v, o, gate, up, down;
---scale shrinks every dimension) as replicated parameters. Each round times, in rotating order:
+The hidden matrices of LLaMA-3.2-1B-style blocks (q, k, v, o, gate, up, down; --scale shrinks every
+dimension) are replicated parameters with identical gradients, as under DDP. Three gloo processes take
+turns, one configuration at a time (a barrier between), in rotating order each round:
 
-* ``1 process, 1 thread``: rank 0 steps its own copy with ``data_parallel=False``, rank 1 idle;
-* ``1 process, 2 threads``: the same with two intra-op threads — what the cores give without a split;
-* ``2 ranks × 1 thread``: both ranks step with the split (each orthogonalises its share, then one
+* ``1 process, 1 thread``: rank 0 steps its own copy with ``data_parallel=False``;
+* ``1 process, 2 threads``: rank 2 does the same with two intra-op threads — what the cores give
+  without a split (a separate process: changing a process's thread count costs seconds);
+* ``2 ranks × 1 thread``: ranks 0 and 1 step with the split (each orthogonalises its share, then one
   ``all_gather`` per shape), which is what DDP training runs.
 
-A barrier separates the timings, so they never overlap; medians are reported. The whole ROOT step is
-timed (momentum, clip at q=0.9, NS in float32, all-gather): the split only shares the clip and NS.
+Reported: medians of wall time and of CPU time (the busiest process; all threads) per step. The whole
+ROOT step is timed (momentum, clip at q=0.9, NS in float32, all-gather); the split shares the clip and NS.
 
     .venv/bin/python benchmarks/ddp_speedup.py                       # scale 0.25, 2 blocks, 5 rounds
     .venv/bin/python benchmarks/ddp_speedup.py --scale 0.5 --repeats 7 --record
@@ -35,7 +37,10 @@ from torch import nn
 
 from root_core import ROOT
 
-WORLD_SIZE = 2
+# Ranks 0 and 1 split the work; rank 2 is the 2-thread baseline.
+PROCESSES = 3
+# Measured: a 2-thread process's first steps were 100× slower on a busy machine, then settled.
+WARMUP_ROUNDS = 2
 # Hidden matrices of one LLaMA-3.2-1B block (meta-llama/Llama-3.2-1B config: hidden 2048, 32 heads of 64,
 # 8 kv heads, MLP 8192), as (out, in) weights: q, k, v, o, gate, up, down.
 LLAMA_1B_BLOCK = [
@@ -67,40 +72,48 @@ def make_optimizer(shapes, data_parallel) -> ROOT:
     return ROOT(params, lr=0.02, table="muon", ns_dtype=torch.float32, data_parallel=data_parallel)
 
 
-def timed_step(optimizer: ROOT, threads: int) -> float:
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
+def timed_step(optimizer: ROOT) -> tuple[float, float]:
+    """(wall, CPU) seconds of one step; CPU time (all threads) shows the work even on a busy machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
     optimizer.step()
-    elapsed = time.perf_counter() - start
-    torch.set_num_threads(1)
-    return elapsed
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(rank: int, shapes, repeats: int) -> dict[str, list[float]]:
-    """Rank 0's wall times per configuration; rank 1 takes part in the split and waits otherwise."""
-    split = make_optimizer(shapes, data_parallel=True)
-    alone = make_optimizer(shapes, data_parallel=False) if rank == 0 else None
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    for round_ in range(repeats + 1):  # round 0 warms up (allocator, lazy state) and is dropped
+def measure(rank: int, shapes, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) per round and configuration, each measured by the process that owns it.
+
+    Ranks 0 and 1 (1 thread each) form the split's group, and rank 0 also steps alone; rank 2 steps
+    alone with 2 threads. A process's thread count stays fixed: changing it costs seconds per call.
+    Idle ranks wait at the barrier, which gloo does without spinning.
+    """
+    group = dist.new_group([0, 1])
+    split = make_optimizer(shapes, data_parallel=group) if rank < 2 else None
+    alone = make_optimizer(shapes, data_parallel=False) if rank != 1 else None
+    runs = {CONFIGS[0]: {0: alone}, CONFIGS[1]: {2: alone}, CONFIGS[2]: {0: split, 1: split}}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
+    for round_ in range(repeats + WARMUP_ROUNDS):
+        # The first rounds warm up (allocator, lazy state, the 2-thread pool) and are dropped.
         order = CONFIGS[round_ % 3 :] + CONFIGS[: round_ % 3]  # no configuration always runs first
         for name in order:
             dist.barrier()
-            if name.startswith("2 ranks"):
-                elapsed = timed_step(split, threads=1)
-            elif rank == 0:
-                elapsed = timed_step(alone, threads=2 if "2 threads" in name else 1)
-            else:
-                continue
-            if round_ > 0:
-                times[name].append(elapsed)
-    dist.barrier()
-    return times
+            if rank in runs[name]:
+                measured = timed_step(runs[name][rank])
+                if round_ >= WARMUP_ROUNDS:
+                    times[name].append(measured)
+    every: list = [None] * PROCESSES
+    dist.all_gather_object(every, times)
+    # Rank 0's wall time (the split ends in an all-gather, so both ranks finish together) and the
+    # busier rank's CPU time for the split.
+    split_times = [
+        (wall, max(cpu, every[1][CONFIGS[2]][i][1])) for i, (wall, cpu) in enumerate(every[0][CONFIGS[2]])
+    ]
+    return {CONFIGS[0]: every[0][CONFIGS[0]], CONFIGS[1]: every[2][CONFIGS[1]], CONFIGS[2]: split_times}
 
 
 def worker(rank: int, store: str, shapes, repeats: int, results: Path) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(2 if rank == 2 else 1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=PROCESSES, timeout=COLLECTIVE_TIMEOUT
     )
     try:
         times = measure(rank, shapes, repeats)
@@ -110,12 +123,12 @@ def worker(rank: int, store: str, shapes, repeats: int, results: Path) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(shapes, repeats: int) -> dict[str, list[float]]:
+def run_ranks(shapes, repeats: int) -> dict[str, list[tuple[float, float]]]:
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "times.pt"
         args = (str(Path(tmp) / "store"), shapes, repeats, results)
-        workers = [context.Process(target=worker, args=(rank, *args)) for rank in range(WORLD_SIZE)]
+        workers = [context.Process(target=worker, args=(rank, *args)) for rank in range(PROCESSES)]
         for process in workers:
             process.start()
         for process in workers:
@@ -126,9 +139,9 @@ def run_ranks(shapes, repeats: int) -> dict[str, list[float]]:
         return torch.load(results)
 
 
-def report(times: dict[str, list[float]], shapes, args, load: tuple[float, float]) -> str:
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    split = medians[CONFIGS[2]]
+def report(times: dict[str, list[tuple[float, float]]], shapes, args, load: tuple[float, float]) -> str:
+    wall = {name: statistics.median(w for w, _ in values) for name, values in times.items()}
+    cpu = {name: statistics.median(c for _, c in values) for name, values in times.items()}
     counts: dict[tuple[int, int], int] = {}
     for shape in shapes:
         counts[shape] = counts.get(shape, 0) + 1
@@ -139,16 +152,17 @@ def report(times: dict[str, list[float]], shapes, args, load: tuple[float, float
         f"Command: `python benchmarks/ddp_speedup.py --scale {args.scale} --blocks {args.blocks} "
         f"--repeats {args.repeats}`. Matrices: {', '.join(f'{c}× {m}×{n}' for (m, n), c in counts.items())} "
         f"(LLaMA-3.2-1B blocks at scale {args.scale}); whole ROOT step, NS in float32, table `muon`, "
-        f"clip q=0.9; 2 gloo ranks on one machine; medians of {args.repeats} interleaved rounds. "
+        f"clip q=0.9; gloo processes on one machine (2 for the split, 1 per baseline); "
+        f"medians of {args.repeats} interleaved rounds. "
         # Other work on the cores changes these numbers (2 threads suffer most), so the load is recorded.
         f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after.",
         "",
-        "| configuration | step (s) | split's speed-up over it |",
-        "|---|---|---|",
+        "| configuration | step, wall (s) | CPU of the busiest process (s) | split's wall-time speed-up |",
+        "|---|---|---|---|",
     ]
     for name in CONFIGS:
-        speedup = "—" if name == CONFIGS[2] else f"{medians[name] / split:.2f}×"
-        lines.append(f"| {name} | {medians[name]:.4f} | {speedup} |")
+        speedup = "—" if name == CONFIGS[2] else f"{wall[name] / wall[CONFIGS[2]]:.2f}×"
+        lines.append(f"| {name} | {wall[name]:.4f} | {cpu[name]:.4f} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 
