@@ -55,8 +55,12 @@ err = Console(stderr=True)
 out = Console()
 
 
-def fail(message: str) -> None:
+def print_error(message: str) -> None:
     err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    print_error(message)
     raise typer.Exit(1)
 
 
@@ -165,20 +169,28 @@ def calibrate_command(
         return request
 
     # Under torchrun every rank runs this (calibrate/ranks.py); rank 0 alone prints, and writes the table.
+    with ranks.joined() as team:
+        code = calibrate_as(team, checked_request, quiet)
+    if code:
+        raise typer.Exit(code)
+
+
+def calibrate_as(team: ranks.Team, checked_request, quiet: bool) -> int:
+    """The checks and the run on this rank; the exit code. Printing happens before the ranks part."""
     try:
-        with ranks.joined() as team:
-            request = team.agree(checked_request)
-            with stages(quiet or not team.leader, err) as progress:
-                path, results = ranks.run(request, progress, team)
+        request = team.agree(checked_request)
+        with stages(quiet or not team.leader, err) as progress:
+            path, results = ranks.run(request, progress, team)
     except (CalibrationError, TableError) as error:
-        if not ranks.is_leader():
-            raise typer.Exit(1) from None
-        fail(str(error))
-    if not ranks.is_leader():
-        return
-    if not quiet:
-        out.print(summary(results))
-    out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+        if team.leader:
+            print_error(str(error))
+        return 1
+    if team.leader:
+        if not quiet:
+            out.print(summary(results))
+        out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+    sys.stdout.flush()  # before the ranks part: torchrun stops rank 0 once another rank has exited
+    return 0
 
 
 @app.command("harvest", epilog=EXAMPLES)

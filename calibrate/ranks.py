@@ -55,7 +55,7 @@ T = TypeVar("T")
 # or rank 0's fits; a rank that dies is caught by torchrun, which stops the others. So the timeout only
 # bounds a peer that hangs, and must not cut a long run short.
 COLLECTIVE_TIMEOUT = timedelta(hours=12)
-# Agreed failures: raised on every rank after the same collective, so a barrier before teardown is safe.
+# Failures the CLI reports as one line; any other exception is described with its type.
 AGREED = (CalibrationError, TableError)
 
 
@@ -83,11 +83,6 @@ def launch() -> Launch:
         raise CalibrationError(
             f"bad torchrun environment: RANK={env['RANK']!r} WORLD_SIZE={env['WORLD_SIZE']!r}"
         ) from None
-
-
-def is_leader() -> bool:
-    """Rank 0, or a single process; never raises, so error reporting can ask it."""
-    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 @dataclass(frozen=True)
@@ -153,16 +148,13 @@ def joined() -> Iterator[Team]:
         yield Team()
         return
     dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-    settled = False
     try:
         yield Team(place.rank, place.world, place.local_rank)
-        settled = True
-    except AGREED:
-        settled = True
-        raise
+        # Normal exits only (agreed failures included, which return an exit code): every rank gets here,
+        # so no rank tears down its connections — or exits, making torchrun stop the others before
+        # rank 0 has printed — while another still needs them. An unexpected exception skips it.
+        dist.barrier()
     finally:
-        if settled:
-            dist.barrier()  # no rank tears down its connections while another still talks to it
         dist.destroy_process_group()
 
 
@@ -196,16 +188,10 @@ def run(request: CalibrationRequest, stages: Stages, team: Team) -> tuple[Path, 
     if not team.split:
         return pipeline.run(request, stages)
     request = dataclasses.replace(request, ranks=team.world)
-    if request.device == "cuda":
-        torch.cuda.set_device(team.local_rank)  # "cuda" then means this rank's own GPU
-    files = load_real_samples(request.real, request.shapes) if request.real else {}
-    plans = {key: pipeline.plan_samples(key, request, files.get(key, [])) for key in request.shapes}
-    units = work_units(plans, request)
-    owners = assign_owners([u.cost for u in units], team.world)
-    mine = [u for u, owner in zip(units, owners, strict=True) if owner == team.rank]
-    checked = {key: checked_indices(plan, request) for key, plan in plans.items()}
+    checked: dict[ShapeKey, list[int]] = {}
     held: dict[tuple[ShapeKey, int], Sample] = {}
-    made = team.gather(lambda: make_samples(mine, plans, request, stages, checked, held))
+    # Everything a rank does on its own runs inside a gather, so a failure anywhere reaches every rank.
+    made = team.gather(lambda: make_share(request, stages, team, checked, held))
     records = _by_shape([r for rank_records in made for r in rank_records])
     fits = team.from_leader(lambda: fit_all(records, request, stages))
     errors = team.gather(lambda: check_held(held, fits, request, stages, team))
@@ -215,6 +201,19 @@ def run(request: CalibrationRequest, stages: Stages, team: Team) -> tuple[Path, 
     ]
     path = team.from_leader(lambda: save_table(pipeline.build_table(request, results), request.out))
     return path, results
+
+
+def make_share(request, stages: Stages, team: Team, checked: dict, held: dict) -> list[SampleRecord]:
+    """This rank's share of the samples and spectra; fills ``checked`` (indices per shape) and ``held``."""
+    if request.device == "cuda":
+        torch.cuda.set_device(team.local_rank)  # "cuda" then means this rank's own GPU
+    files = load_real_samples(request.real, request.shapes) if request.real else {}
+    plans = {key: pipeline.plan_samples(key, request, files.get(key, [])) for key in request.shapes}
+    units = work_units(plans, request)
+    owners = assign_owners([u.cost for u in units], team.world)
+    mine = [u for u, owner in zip(units, owners, strict=True) if owner == team.rank]
+    checked |= {key: checked_indices(plan, request) for key, plan in plans.items()}
+    return make_samples(mine, plans, request, stages, checked, held)
 
 
 def work_units(plans: dict[ShapeKey, SamplePlan], request: CalibrationRequest) -> list[Unit]:

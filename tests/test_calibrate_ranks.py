@@ -91,7 +91,8 @@ def test_outside_torchrun_one_process_is_the_whole_team(monkeypatch):
         assert (team.rank, team.world, team.split, team.leader) == (0, 1, False, True)
         assert team.gather(lambda: 5) == [5] and team.from_leader(lambda: 6) == 6
     monkeypatch.setenv("RANK", "1")
-    assert not ranks.is_leader()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ranks.launch() == ranks.Launch(rank=1, world=2, local_rank=0)
 
 
 # --------------------------------------------------------------------------- two gloo processes
