@@ -305,6 +305,8 @@ def run_leaderboard(keys, tables, args) -> str:
         "four published shapes, where it runs Muon's triple): " + "; ".join(notes) + ".",
         "",
     ]
+    if len(bf16) == 4:  # header lines only: --matrix-count and --synthetic-matrix-count were 0
+        bf16 = ["bf16 matrix check: not run (--matrix-count 0, --synthetic-matrix-count 0)."]
     return "\n".join(header(args) + spectral + [""] + bf16 + legend)
 
 
