@@ -27,6 +27,7 @@ from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs
 from .progress import stages
 from .sampling.mix import parse_ratio
 from .sampling.real import validate_real_paths
+from .sampling.synthetic import FAMILIES
 from .shapes import format_shape, parse_shapes, resolve_shapes
 
 EXAMPLES = """
@@ -76,6 +77,19 @@ def parse_clip(text: str) -> float | None:
     return value
 
 
+def parse_families(text: str | None) -> tuple[str, ...] | None:
+    """``"low_rank_noise,gaussian"`` → the family cycle; unknown names fail here, before any work."""
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if any(name not in FAMILIES for name in names):
+        bad = next(name for name in names if name not in FAMILIES)
+        raise CalibrationError(
+            f"invalid --families '{text}': unknown family {bad!r}; choose from {', '.join(FAMILIES)}"
+        )
+    return names
+
+
 def check_out_dir(directory: Path) -> None:
     """Fail now, not after an hour of work, if the table cannot be written; leave nothing behind."""
     probe = directory
@@ -111,6 +125,13 @@ def calibrate_command(
     clip_quantile: Annotated[
         str, typer.Option(help="Soft-threshold quantile, as in ROOT, or 'none'")
     ] = "0.9",
+    families: Annotated[
+        str | None,
+        typer.Option(
+            help="Synthetic families the samples cycle through, comma-separated; repeat a name to weigh "
+            f"it more. One of {', '.join(FAMILIES)}. Default: 3/4 low_rank_noise, 1/12 each other"
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Newton–Schulz steps")] = 5,
     schedule: Annotated[str, typer.Option(help=f"One of {', '.join(SCHEDULE_FORMS)}")] = "per-step",
     max_gain: Annotated[
@@ -148,6 +169,7 @@ def calibrate_command(
             corpus=corpus,
             harvest_steps=harvest_steps,
             clip_quantile=parse_clip(clip_quantile),
+            families=parse_families(families),
             device=resolve_device(device),
             fit=FitSettings(
                 steps=steps,

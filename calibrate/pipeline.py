@@ -30,7 +30,7 @@ from .sampling import Sample
 from .sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
 from .sampling.real import load_real_samples
-from .sampling.synthetic import synthetic_samples
+from .sampling.synthetic import family_cycle, synthetic_samples
 from .shapes import LayerShape, format_shape
 from .spectra import SpectrumCache
 
@@ -55,6 +55,7 @@ class CalibrationRequest:
     corpus: Path | None = None
     harvest_steps: int | None = None
     clip_quantile: float | None = 0.9
+    families: tuple[str, ...] | None = None  # synthetic family cycle; None = DEFAULT_MIX
     fit: FitSettings = field(default_factory=FitSettings)
     device: str = "cpu"
     cache_dir: Path | None = None
@@ -130,7 +131,7 @@ def collect_samples(
     if plan.harvest > 0:
         real += harvest_stage(plan, request, stages)
     with stages.stage(f"{format_shape(key)} synthetic samples", plan.synthetic) as advance:
-        synthetic = synthetic_samples(key, plan.synthetic, seed=request.seed)
+        synthetic = synthetic_samples(key, plan.synthetic, seed=request.seed, families=request.families)
         advance(plan.synthetic)
     samples = real + synthetic
     reject_non_finite(samples)
@@ -327,6 +328,7 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
         "samples_per_shape": request.samples,
         "validation_fraction": request.validation_fraction,
         "clip_quantile": request.clip_quantile,
+        "synthetic_families": family_cycle(request.families),
         "real_sources": [str(p) for p in request.real] or ["harvest"],
         "corpus": str(request.corpus) if request.corpus else "python-stdlib",
         "search": results[0].fit.method if results else {},
@@ -381,3 +383,4 @@ def check_calibration_inputs(request: CalibrationRequest) -> None:
         raise CalibrationError(f"invalid validation fraction {request.validation_fraction}: expected (0, 1)")
     if request.check_samples < 1:
         raise CalibrationError(f"invalid --check-samples {request.check_samples}: expected ≥ 1")
+    family_cycle(request.families)

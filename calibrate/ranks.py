@@ -46,7 +46,7 @@ from .sampling import Sample
 from .sampling.harvest import DEFAULT_TOKENS_PER_STEP, resolve_steps
 from .sampling.mix import reject_non_finite, train_validation_split
 from .sampling.real import load_real_samples
-from .sampling.synthetic import FAMILIES, synthetic_sample
+from .sampling.synthetic import family_at, synthetic_sample
 from .shapes import format_shape
 from .spectra import SpectrumCache
 
@@ -238,10 +238,9 @@ def spectrum_flops(key: ShapeKey) -> float:
     return 2.0 * m * m * n + 4.0 * m**3
 
 
-def synthetic_at(key: ShapeKey, index: int, *, seed: int) -> Sample:
+def synthetic_at(key: ShapeKey, index: int, *, seed: int, families=None) -> Sample:
     """Synthetic sample ``index`` of ``synthetic_samples(key, count, seed=seed)``, for any count > index."""
-    families = list(FAMILIES)
-    return synthetic_sample(key, index, seed=seed, family=families[index % len(families)])
+    return synthetic_sample(key, index, seed=seed, family=family_at(index, families))
 
 
 @dataclass(frozen=True)
@@ -301,7 +300,7 @@ def unit_samples(unit: Unit, plan: SamplePlan, request: CalibrationRequest, stag
         return [plan.files[unit.indices[0]]]
     if unit.kind == "harvest":
         return pipeline.harvest_stage(plan, request, stages)
-    return [synthetic_at(unit.key, unit.indices[0] - plan.real, seed=request.seed)]
+    return [synthetic_at(unit.key, unit.indices[0] - plan.real, seed=request.seed, families=request.families)]
 
 
 def fit_all(records: dict[ShapeKey, list[SampleRecord]], request: CalibrationRequest, stages: Stages):

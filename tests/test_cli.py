@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from calibrate import cli, pipeline
 from calibrate.cli import app, with_default_command
+from calibrate.sampling.synthetic import DEFAULT_MIX
 from root_core import ROOT, load_table
 
 runner = CliRunner()
@@ -58,6 +59,10 @@ def test_help_shows_an_example():
         (["--shapes", "64x64", "--real", "does/not/exist.pt"], "does/not/exist.pt"),
         (["--shapes", "64x64", "--clip-quantile", "1.5"], "invalid --clip-quantile '1.5'"),
         (["--shapes", "64x64", "--schedule", "tiled"], "invalid schedule 'tiled'"),
+        (
+            ["--shapes", "64x64", "--families", "gaussian,laplace"],
+            "invalid --families 'gaussian,laplace': unknown family 'laplace'; choose from gaussian,",
+        ),
         (["--shapes", "64x64", "--device", "tpu"], "invalid --device 'tpu'"),
         (["--shapes", "64x64", "--samples", "1"], "invalid --samples 1"),
         (["--arch", "llama-9"], "unknown architecture 'llama-9'"),
@@ -105,6 +110,7 @@ def test_tiny_end_to_end_run_writes_a_table_that_root_loads_and_is_reproducible(
     assert entry.metrics["samples"]["real"] == 2 and entry.metrics["samples"]["synthetic"] == 4
     provenance = table.provenance
     assert provenance["ratio"] == "1:2" and provenance["clip_quantile"] == 0.9 and provenance["seed"] == 0
+    assert provenance["synthetic_families"] == list(DEFAULT_MIX)
     assert any(source.startswith("harvest:") for source in provenance["sources"]["16x48"])
     assert len(list((tmp_path / "cache" / "harvest").glob("*.safetensors"))) == 1
     # Same inputs and seed: identical coefficients, in the next free version (never overwriting); the

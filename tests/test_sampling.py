@@ -19,7 +19,7 @@ from calibrate.sampling.mix import (
     train_validation_split,
 )
 from calibrate.sampling.real import load_real_samples, validate_real_paths
-from calibrate.sampling.synthetic import FAMILIES, synthetic_sample, synthetic_samples
+from calibrate.sampling.synthetic import DEFAULT_MIX, FAMILIES, family_at, synthetic_sample, synthetic_samples
 
 SMALL = (16, 48)
 STATS_SHAPE = (128, 384)
@@ -56,7 +56,7 @@ def by_family(samples: list[Sample], family: str) -> list[Sample]:
 
 @pytest.fixture(scope="module")
 def stats_samples() -> list[Sample]:
-    return synthetic_samples(STATS_SHAPE, STATS_COUNT, seed=11)
+    return synthetic_samples(STATS_SHAPE, STATS_COUNT, seed=11, families=list(FAMILIES))
 
 
 # --- synthetic: determinism -------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_orientation_does_not_change_the_sample():
 
 
 def test_families_cycle_and_record_provenance():
-    samples = synthetic_samples(SMALL, 2 * len(FAMILIES), seed=9)
+    samples = synthetic_samples(SMALL, 2 * len(FAMILIES), seed=9, families=list(FAMILIES))
     names = list(FAMILIES)
     for index, sample in enumerate(samples):
         family = names[index % len(names)]
@@ -111,6 +111,25 @@ def test_families_cycle_and_record_provenance():
         assert sample.meta["seed"] == 9 and sample.meta["index"] == index
         assert sample.meta["params"]["scale"] > 0
         assert sample.shape == SMALL and sample.matrix.dtype == torch.float32
+
+
+def test_default_mix_is_three_quarters_power_law_and_keeps_every_family():
+    samples = synthetic_samples(SMALL, 2 * len(DEFAULT_MIX), seed=9)
+    families = [s.meta["family"] for s in samples]
+    assert families == [family_at(i) for i in range(len(samples))] == list(DEFAULT_MIX) * 2
+    assert families.count("low_rank_noise") == len(samples) * 3 // 4
+    assert set(families) == set(FAMILIES)
+
+
+def test_repeated_family_names_weigh_the_cycle():
+    samples = synthetic_samples(SMALL, 6, seed=0, families=["gaussian", "gaussian", "heavy_tailed"])
+    assert [s.meta["family"] for s in samples] == ["gaussian", "gaussian", "heavy_tailed"] * 2
+    # A sample depends on (seed, shape, family, index) only, not on the cycle that chose its family.
+    alone = synthetic_samples(SMALL, 2, seed=0, families=["heavy_tailed"])[1]
+    assert not torch.equal(alone.matrix, samples[2].matrix)
+    assert torch.equal(
+        synthetic_samples(SMALL, 3, seed=0, families=["heavy_tailed"])[2].matrix, samples[2].matrix
+    )
 
 
 def test_family_subset():
