@@ -7,6 +7,11 @@ fit is never worse on the calibration spectra than the best of them that respect
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import random
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +40,8 @@ SEARCH_POINTS = 512
 POLISH_EVALUATIONS_PER_ITERATION = 100
 # Published sets used as start points (bundled baseline tables); see coeff_tables/*/v1.json.
 START_TABLES = ("muon", "polar-express", "root-paper", "you-6step", "classic")
+# Attempts at opening an optuna storage that other workers are creating at the same moment.
+STORAGE_ATTEMPTS = 5
 
 
 @dataclass
@@ -138,7 +145,11 @@ def fit(
 
     search = _search_scipy if settings.backend == "scipy" else _search_optuna
     found, method = search(
-        objective, bounds, [to_vector(s, bounds) for s in starts.values()], settings, label
+        objective,
+        bounds,
+        {name: to_vector(s, bounds) for name, s in starts.items()},
+        settings,
+        _study_name(settings, label, search_spectra),
     )
     polished = _polish(
         objective, found, bounds, budget=POLISH_EVALUATIONS_PER_ITERATION * settings.iterations
@@ -184,14 +195,16 @@ def _rows(vector: np.ndarray, settings: FitSettings):
     return rows_from_vector(vector, settings.steps, settings.shared)
 
 
-def _search_scipy(objective: Callable, bounds, starts: list[np.ndarray], settings: FitSettings, label: str):
+def _search_scipy(
+    objective: Callable, bounds, starts: Mapping[str, np.ndarray], settings: FitSettings, study: str
+):
     from scipy.optimize import differential_evolution
 
     rng = np.random.default_rng(settings.seed)
     population_size = max(15, 5 * len(bounds))
     low, high = np.array(bounds).T
     random_members = low + rng.random((population_size - len(starts), len(bounds))) * (high - low)
-    population = np.vstack([*starts, random_members])
+    population = np.vstack([*starts.values(), random_members])
     with np.errstate(over="ignore"):  # DE's convergence test squares penalty values of 1e6
         result = differential_evolution(
             objective,
@@ -211,35 +224,161 @@ def _search_scipy(objective: Callable, bounds, starts: list[np.ndarray], setting
     }
 
 
-def _search_optuna(objective: Callable, bounds, starts: list[np.ndarray], settings: FitSettings, label: str):
+def _search_optuna(
+    objective: Callable, bounds, starts: Mapping[str, np.ndarray], settings: FitSettings, study_name: str
+):
+    """TPE over the box; with a storage, one study shared by every worker that scores the same objective.
+
+    Workers may start together: the storage's tables and the study are created by whichever gets there
+    first (the others load them), only the creator adds the start points (as finished trials, so no two
+    workers can take the same queued one), and all workers together stop at iterations × 10 finished
+    trials, so a resume of a finished study adds none.
+    """
     import optuna
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [f"x{i}" for i in range(len(bounds))]
-    study = optuna.create_study(
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
-        storage=settings.storage,
-        study_name=_study_name(settings, label),
-        load_if_exists=True,
-    )
-    if not study.trials:  # a resumed study already holds the starts
-        for start in starts:
-            study.enqueue_trial(dict(zip(names, map(float, start), strict=True)))
-    study.optimize(
-        lambda trial: objective(
-            np.array([trial.suggest_float(n, lo, hi) for n, (lo, hi) in zip(names, bounds, strict=True)])
-        ),
-        n_trials=settings.iterations * 10,
-    )
-    best = np.array([study.best_params[n] for n in names])
-    return best, {"global": "optuna.TPESampler", "trials": len(study.trials), "study": study.study_name}
+    budget = settings.iterations * 10
+    storage = None if settings.storage is None else _open_storage(settings.storage)
+    # Without a storage the search is reproducible from --seed; with one, workers sharing the study must
+    # draw different trials, and the order in which they finish trials is not reproducible anyway.
+    seed = settings.seed if storage is None else _worker_seed(settings.seed)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    try:
+        try:
+            study = optuna.create_study(
+                direction="minimize",
+                sampler=sampler,
+                storage=storage,
+                study_name=study_name,
+                load_if_exists=False,
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # created by another worker or an earlier run
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        else:
+            distributions = {
+                n: optuna.distributions.FloatDistribution(lo, hi)
+                for n, (lo, hi) in zip(names, bounds, strict=True)
+            }
+            for label, start in starts.items():
+                value = objective(start)
+                if math.isfinite(value):
+                    study.add_trial(
+                        optuna.trial.create_trial(
+                            params=dict(zip(names, map(float, start), strict=True)),
+                            distributions=distributions,
+                            value=value,
+                            user_attrs={"start": label},
+                        )
+                    )
+        remaining = budget - _finished(study)
+        if remaining > 0:
+            study.optimize(
+                lambda trial: objective(
+                    np.array(
+                        [trial.suggest_float(n, lo, hi) for n, (lo, hi) in zip(names, bounds, strict=True)]
+                    )
+                ),
+                n_trials=remaining,
+                callbacks=[optuna.study.MaxTrialsCallback(budget, states=(TrialState.COMPLETE,))],
+            )
+        best = np.array([study.best_params[n] for n in names])
+        trials = _finished(study)
+    except (optuna.exceptions.StorageInternalError, _sqlalchemy_error()) as error:
+        raise _storage_error(settings.storage, error) from error
+    method: dict[str, object] = {"global": "optuna.TPESampler", "trials": trials, "study": study.study_name}
+    if storage is not None:
+        method["shared_storage"] = True
+        method["reproducible"] = False  # workers' trials interleave; each samples from its own seed
+    return best, method
 
 
-def _study_name(settings: FitSettings, label: str) -> str:
-    """One study per shape and setting, so workers sharing a storage join the same search."""
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _worker_seed(seed: int) -> int:
+    """Distinct per process and machine, so workers sharing a study do not draw the same trials."""
+    key = f"{seed}:{socket.gethostname()}:{os.getpid()}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+def _sqlalchemy_error() -> type[Exception]:
+    import sqlalchemy.exc
+
+    return sqlalchemy.exc.SQLAlchemyError
+
+
+def _open_storage(url: str):
+    """The optuna RDB storage at url; workers starting together on a new database race on its tables."""
+    import optuna
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    jitter = random.Random()  # its own generator: the global one stays untouched
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (
+            sqlalchemy.exc.OperationalError,  # SQLite: "table studies already exists"
+            sqlalchemy.exc.ProgrammingError,  # PostgreSQL: "relation ... already exists"
+            sqlalchemy.exc.IntegrityError,
+        ) as error:
+            # Another worker created a table or stamped the schema version between our check and our
+            # write ("already exists", "UNIQUE constraint failed: alembic_version.version_num"); a
+            # later attempt finds them in place. Creation has several such steps, so a third worker
+            # can lose a second race: a few attempts, not one.
+            racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
+            if racing and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(jitter.uniform(0.05, 0.25) * (attempt + 1))
+                continue
+            raise _storage_error(url, error) from error
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as error:
+            raise _storage_error(url, error) from error
+    raise AssertionError("unreachable")
+
+
+def _storage_error(url: str | None, error: BaseException) -> CalibrationError:
+    """One line naming the storage (password hidden) and the database's own reason."""
+    cause = error
+    while cause.__cause__ is not None and not getattr(cause, "orig", None):
+        cause = cause.__cause__
+    reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+    hint = "check the URL, that its directory or server exists, and that the database driver is installed"
+    return CalibrationError(
+        f"optuna storage '{_masked(url)}' failed: {reason[0] if reason else type(cause).__name__} ({hint})"
+    )
+
+
+def _masked(url: str | None) -> str:
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return str(url)
+
+
+def _study_name(settings: FitSettings, label: str, spectra: Tensor) -> str:
+    """One study per shape, setting and objective, so workers sharing a storage join the same search.
+
+    The digest of the (compressed) calibration spectra stands for everything that shapes them —
+    --samples, --ratio, --real, --clip-quantile, the seed — so workers with different inputs get
+    separate studies instead of mixing trials scored on different objectives.
+    """
     form = f"{settings.form}:{settings.steps}steps:gain{settings.max_gain}"
-    return f"root-calibrate:{label}:{form}:seed{settings.seed}"
+    return f"root-calibrate:{label}:{form}:seed{settings.seed}:spectra-{spectra_digest(spectra)}"
+
+
+def spectra_digest(spectra: Tensor) -> str:
+    """A short hash of the spectra's values, shape and dtype: equal only for bitwise equal spectra."""
+    array = spectra.detach().cpu().contiguous().numpy()
+    digest = hashlib.sha256(f"{array.dtype}:{array.shape}:".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _polish(objective: Callable, vector: np.ndarray, bounds, *, budget: int) -> np.ndarray:

@@ -125,18 +125,6 @@ def test_fit_beats_every_published_start_within_the_bound_and_is_deterministic(f
     assert again.schedule.rows == result.schedule.rows
 
 
-def test_fit_with_optuna_backend_and_storage_resumes(tmp_path):
-    spectra = torch.stack(
-        [normalized_spectrum(gaussian((32, 96), seed), clip_quantile=0.9) for seed in range(3)]
-    )
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = FitSettings(form="shared", backend="optuna", iterations=3, storage=storage)
-    first = fit(spectra, settings, label="32x96")
-    second = fit(spectra, settings, label="32x96")
-    assert first.safety.ok and second.method["trials"] == 2 * first.method["trials"]
-    assert second.calibration_error <= first.calibration_error
-
-
 def test_a_tight_bound_is_respected_exactly():
     # The classic quintic is monotone with max 1, so any bound above 1 is feasible; the fit must stay in it.
     spectra = normalized_spectrum(gaussian((16, 48)), clip_quantile=0.9)[None]
