@@ -1,0 +1,89 @@
+"""How good can any table be on held-out momentum? Fit directly on it, and compare with the published sets.
+
+A table calibrated elsewhere can at best match a schedule fitted on the held-out matrices themselves
+(same step count, same bound on P). That "oracle" is a lower bound on the held-out error of any
+calibrated table, so it says which precision targets are reachable at all: if the oracle per-step
+error is above half of Polar Express's, no calibration can reach "half of Polar Express" on that
+momentum. Held-out momentum and its cache are the ones ``precision.py`` uses.
+
+    python benchmarks/precision_ceiling.py --shapes 2048x8192,4096x11008 --record
+    python benchmarks/precision_ceiling.py --shapes 64x256 --count 2 --steps 20 --iterations 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from precision import HELD_OUT_SEED, held_out_corpus, held_out_samples
+from results import publish
+
+from calibrate.cli import default_cache_dir
+from calibrate.errors import CalibrationError
+from calibrate.fit import FitSettings, fit
+from calibrate.objective import DEFAULT_MAX_GAIN, sample_errors, stack_spectra
+from calibrate.shapes import format_shape, parse_shapes
+from calibrate.spectra import normalized_spectrum
+from root_core import load_table
+
+CLIP_QUANTILE = 0.9  # what ROOT and the bundled tables use
+
+
+def ceiling_row(key, args) -> str:
+    samples = held_out_samples(key, args)
+    spectra = stack_spectra([normalized_spectrum(s.matrix, clip_quantile=CLIP_QUANTILE) for s in samples])
+    polar = float(sample_errors(spectra, load_table("polar-express").schedule_for(key)).mean())
+    muon = float(sample_errors(spectra, load_table("muon").schedule_for(key)).mean())
+    oracle = {}
+    for form in ("per-step", "shared"):
+        settings = FitSettings(form=form, iterations=args.iterations, max_gain=args.max_gain)
+        oracle[form] = float(sample_errors(spectra, fit(spectra, settings).schedule).mean())
+    reachable = "yes" if oracle["per-step"] <= polar / 2 else "**no**"
+    print(f"{format_shape(key)}: {len(samples)} held-out matrices", flush=True)
+    return (
+        f"| {format_shape(key)} | {len(samples)} | {polar:.4f} | {oracle['per-step']:.4f} "
+        f"({oracle['per-step'] / polar:.2f}×) | {reachable} | {muon:.4f} | {oracle['shared']:.4f} "
+        f"({oracle['shared'] / muon:.2f}×) |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", required=True, help="comma-separated MxN shapes")
+    parser.add_argument("--count", type=int, default=4, help="held-out matrices per shape")
+    parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
+    parser.add_argument("--iterations", type=int, default=60, help="search generations of each fit")
+    parser.add_argument("--max-gain", type=float, default=DEFAULT_MAX_GAIN)
+    parser.add_argument("--corpus", type=Path, default=held_out_corpus())
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="held-out harvest cache")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    try:
+        keys = parse_shapes(args.shapes)
+    except CalibrationError as error:
+        sys.exit(f"error: {error}")
+    lines = [
+        f"### precision_ceiling — {dt.date.today()} — cpu ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads) — torch {torch.__version__}",
+        "",
+        f"Command: `python benchmarks/precision_ceiling.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
+        f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}`, clipped at q={CLIP_QUANTILE}; 5 steps, "
+        f"max P {args.max_gain}. Oracle = a schedule fitted on these very matrices: no table can do better.",
+        "",
+        "| shape | matrices | Polar Express | oracle per-step (÷ PE) | ≤ ½ PE reachable? | Muon | "
+        "oracle shared (÷ Muon) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [ceiling_row(key, args) for key in keys]
+    publish("\n".join(lines) + "\n", args.record)
+
+
+if __name__ == "__main__":
+    main()
