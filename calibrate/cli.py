@@ -22,7 +22,7 @@ from root_core.tables import TableError
 from . import ranks
 from .errors import CalibrationError
 from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
-from .objective import DEFAULT_MAX_GAIN
+from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
 from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs
 from .progress import stages
 from .sampling.mix import parse_ratio
@@ -278,7 +278,7 @@ def resolve_device(device: str) -> str:
 def summary(results: list[ShapeResult]) -> Table:
     """Validation errors of the calibrated rows next to the baselines, per shape."""
     table = Table(title="Relative error vs the SVD polar factor, validation mean (spectral: float64)")
-    for column in ("shape", "table", "spectral", "float32", "bf16", "bound (0,1]"):
+    for column in ("shape", "table", "spectral", "float32", "bf16", f"max P (+{ROUNDING_MARGIN:.0%})"):
         table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
     for result in results:
         for label, errors in result.validation.items():

@@ -2,7 +2,8 @@
 
 Error of a schedule on a sample = sqrt(mean_i (P(σ_i) − 1)²) over its normalised singular values
 (DESIGN.md §1); the objective is the mean over calibration samples. Safety: the composed polynomial
-must stay within [0, max_gain] on all of [0, 1], with the range computed exactly, not on a grid.
+must stay within [0, max_gain] on all of [0, 1], with the range computed exactly, not on a grid, and
+keep doing so when rounding pushes σ and each step's output up to ROUNDING_MARGIN too high.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from root_core.spectral import composition_range, spectral_error
 SIGN_FLIP_TOLERANCE = 1e-12
 # Around Muon's 1.2024 and Polar Express's 1.1411 (DESIGN.md §1): bounded updates, room to fit.
 DEFAULT_MAX_GAIN = 1.25
+# The bound must also hold when the input σ and each step's output are up to 2% too large
+# (root_core.spectral.composition_range). bf16 keeps 8 significant bits, so one rounding moves an entry
+# by up to 2^-9 ≈ 0.2%; the normalisation and five products compound that, and 2% leaves ~5× room. It is
+# also what the published sets survive: Polar Express (built with a 1.01 safety factor) stays at 1.21,
+# Muon at 1.20, while tables fitted on [0, 1] alone reached 1e20 at a 1% margin and diverged in bf16
+# training on spiky momentum (benchmarks/train_compare.py, no soft-threshold).
+ROUNDING_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Safety:
     low: float
     high: float
     max_gain: float
+    margin: float = ROUNDING_MARGIN
 
     @property
     def ok(self) -> bool:
@@ -41,9 +50,10 @@ class Safety:
         return max(0.0, self.high - self.max_gain) + max(0.0, -self.low - SIGN_FLIP_TOLERANCE)
 
 
-def safety(schedule: Schedule, max_gain: float = DEFAULT_MAX_GAIN) -> Safety:
-    low, high = composition_range(schedule)
-    return Safety(low=low, high=high, max_gain=max_gain)
+def safety(schedule: Schedule, max_gain: float = DEFAULT_MAX_GAIN, margin: float = ROUNDING_MARGIN) -> Safety:
+    """The range of P over [0, 1] widened by ``margin`` at every step (0: the exact range on [0, 1])."""
+    low, high = composition_range(schedule, margin=margin)
+    return Safety(low=low, high=high, max_gain=max_gain, margin=margin)
 
 
 def stack_spectra(spectra: Sequence[Tensor]) -> Tensor:

@@ -85,6 +85,8 @@ class ShapeResult:
             "bound": fitted.safety.high,
             "bound_low": fitted.safety.low,
             "max_gain": fitted.safety.max_gain,
+            # "bound" holds with σ and every step's output up to this much (relative) too large.
+            "bound_margin": fitted.safety.margin,
             "baselines": {
                 label: {
                     "validation_error": _mean(self.validation[label]),

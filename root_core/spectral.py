@@ -28,15 +28,22 @@ def spectral_error(sigma: Tensor, schedule: Schedule, steps: int | None = None) 
     return residual.square().mean(dim=-1).sqrt()
 
 
-def composition_range(schedule: Schedule, steps: int | None = None) -> tuple[float, float]:
-    """Exact (min, max) of P over σ ∈ [0, 1], with no grid (DESIGN.md §1).
+def composition_range(
+    schedule: Schedule, steps: int | None = None, *, margin: float = 0.0
+) -> tuple[float, float]:
+    """Exact (min, max) of P over σ ∈ [0, 1], with no grid (DESIGN.md §1); with ``margin`` > 0, a bound
+    that also holds when the input and every intermediate value are up to ``margin`` (relative) too large.
 
     The image of an interval under a continuous p is an interval whose ends are p at the interval's
     ends or at interior critical points, the roots of a + 3b·x² + 5c·x⁴ = 0. A sampled grid would miss
-    the narrow spikes of a degree-3125 composition.
+    the narrow spikes of a degree-3125 composition. The margin models rounding in low precision: bf16
+    can leave a normalised σ slightly above 1 and perturbs every product, and a quintic fitted on
+    [0, 1] alone may blow up just outside it (some reach 1e20 at 1.01). Widening each step's interval
+    by the margin before mapping it makes the range an upper bound over all such perturbations.
     """
     low, high = 0.0, 1.0 / schedule.scale
     for a, b, c in schedule.expanded(steps):
+        high *= 1.0 + margin
         candidates = [low, high, *(x for x in _critical_points(a, b, c) if low < x < high)]
         values = [x * (a + x * x * (b + c * x * x)) for x in candidates]
         low, high = min(values), max(values)

@@ -45,3 +45,39 @@ def test_spectral_error_is_zero_at_the_fixed_point_and_rms_elsewhere():
     sigma = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     error = spectral_error(sigma, Schedule(rows=((1.0, 0.0, 0.0),)))
     torch.testing.assert_close(error, torch.tensor([0.0, 0.5**0.5], dtype=torch.float64))
+
+
+# A fragile per-step schedule from a table fitted on [0, 1] alone (coeff_tables/llama-3.2-1b/v1.json,
+# 2048x8192): within 1.25 on [0, 1], astronomically large 1% above it.
+FRAGILE = Schedule(
+    rows=(
+        (7.782698702088144, -21.214866685480814, 14.457407062837383),
+        (4.103664610586687, -3.346893307169168, 0.6824581801754839),
+        (3.695548992733615, -3.15980400681428, 0.6921100344670865),
+        (2.9801292994171504, -2.4635915050947075, 0.590888608352119),
+        (2.2430543484209284, -1.8817357903042349, 0.6001193678042358),
+    )
+)
+
+
+@pytest.mark.parametrize("schedule", [MUON, POLAR_EXPRESS, FRAGILE])
+@pytest.mark.parametrize("margin", [0.005, 0.02])
+def test_margin_range_bounds_every_perturbed_run(schedule, margin):
+    """Every run whose input and step outputs are up to ``margin`` too large stays inside the range."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.linspace(0, 1, 20_001, dtype=torch.float64).repeat(8, 1)  # 8 perturbation patterns
+    x = x / schedule.scale
+    for a, b, c in schedule.expanded():
+        x = x * (1 + margin * torch.rand(x.shape, generator=generator, dtype=torch.float64))
+        x = a * x + b * x**3 + c * x**5
+    low, high = composition_range(schedule, margin=margin)
+    assert low <= x.min().item() + 1e-12 and x.max().item() <= high * (1 + 1e-12)
+    assert composition_range(schedule, margin=0.0) == composition_range(schedule)
+
+
+def test_margin_separates_robust_published_sets_from_a_fragile_fit():
+    # Muon and Polar Express survive 2% rounding within 1.25; the [0, 1]-only fit does not survive 1%.
+    assert composition_range(MUON, margin=0.02)[1] < 1.21
+    assert composition_range(POLAR_EXPRESS, margin=0.02)[1] < 1.22
+    assert composition_range(FRAGILE)[1] <= 1.25
+    assert composition_range(FRAGILE, margin=0.01)[1] > 1e10
