@@ -16,19 +16,15 @@ import torch
 from torch import Tensor
 
 from root_core.schedule import Schedule
-from root_core.spectral import composition_range, spectral_error
+from root_core.spectral import ROUNDING_MARGIN, composition_range, spectral_error
 
 # A composition this far below 0 on [0, 1] has flipped a sign; −1e-12 forgives float64 round-off of P(0).
 SIGN_FLIP_TOLERANCE = 1e-12
 # Around Muon's 1.2024 and Polar Express's 1.1411 (DESIGN.md §1): bounded updates, room to fit.
 DEFAULT_MAX_GAIN = 1.25
-# The bound must also hold when the input σ and each step's output are up to 2% too large
-# (root_core.spectral.composition_range). bf16 keeps 8 significant bits, so one rounding moves an entry
-# by up to 2^-9 ≈ 0.2%; the normalisation and five products compound that, and 2% leaves ~5× room. It is
-# also what the published sets survive: Polar Express (built with a 1.01 safety factor) stays at 1.21,
-# Muon at 1.20, while tables fitted on [0, 1] alone reached 1e20 at a 1% margin and diverged in bf16
-# training on spiky momentum (benchmarks/train_compare.py, no soft-threshold).
-ROUNDING_MARGIN = 0.02
+# The fit's bound must also hold with σ and every step's output up to root_core's ROUNDING_MARGIN (2%) too
+# large: tables fitted on [0, 1] alone reached 1e20 at a 1% margin and diverged in bf16 training on spiky
+# momentum (benchmarks/train_compare.py, no soft-threshold).
 
 
 @dataclass(frozen=True)

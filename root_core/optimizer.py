@@ -9,6 +9,7 @@ are not matrices, and those a group marks ``use_root=False`` (embeddings, LM hea
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from .distributed import (
 from .newton_schulz import DEFAULT_EPS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .schedule import Schedule
+from .spectral import ROUNDING_MARGIN, composition_range
 from .tables import CoefficientTable, load_table
 
 if TYPE_CHECKING:
@@ -267,9 +269,32 @@ class ROOT(torch.optim.Optimizer):
     def _schedule_for_shape(self, shape: tuple[int, int], ns_steps: int | None) -> Schedule:
         key = ((min(shape), max(shape)), ns_steps)
         if key not in self._schedules:
-            schedule = self.table.schedule_for(shape, missing=self.missing_shape)
-            self._schedules[key] = schedule.with_steps(ns_steps)
+            schedule = self.table.schedule_for(shape, missing=self.missing_shape).with_steps(ns_steps)
+            warn_if_fragile(schedule, key[0], self.table.name, self.table.version)
+            self._schedules[key] = schedule
         return self._schedules[key]
+
+
+class FragileScheduleWarning(UserWarning):
+    """A table's rows blow up when rounding pushes singular values slightly above 1."""
+
+
+# Above this, the composed polynomial under ROUNDING_MARGIN is not a bounded update any more: Muon's rows
+# reach 1.20 and Polar Express's 1.21 there, fragile fits 1e12 and more.
+FRAGILE_GAIN = 2.0
+
+
+def warn_if_fragile(schedule: Schedule, shape: tuple[int, int], table: str, version: int) -> None:
+    """Warn once per shape when low-precision rounding could make these rows diverge."""
+    _, high = composition_range(schedule, margin=ROUNDING_MARGIN)
+    if high > FRAGILE_GAIN:
+        warnings.warn(
+            f"table '{table}@{version}' rows for {shape[0]}x{shape[1]} reach P = {high:.3g} when rounding "
+            f"pushes σ {ROUNDING_MARGIN:.0%} above 1; they may diverge in bf16 (refit with root-calibrate, "
+            "or use ns_dtype=torch.float32)",
+            FragileScheduleWarning,
+            stacklevel=4,
+        )
 
 
 def root_direction(

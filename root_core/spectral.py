@@ -12,6 +12,12 @@ from torch import Tensor
 
 from .schedule import Schedule
 
+# How far (relative) rounding may push σ and each step's output above their exact values, for
+# composition_range(..., margin=...). bf16 keeps 8 significant bits, so one rounding moves an entry by up to
+# 2^-9 ≈ 0.2%; the normalisation and five products compound that, and 2% leaves ~5× room. The published
+# sets survive it: Polar Express (built with a 1.01 safety factor) stays at 1.21 and Muon at 1.20.
+ROUNDING_MARGIN = 0.02
+
 
 def compose(sigma: Tensor, schedule: Schedule, steps: int | None = None) -> Tensor:
     """P(σ) for singular values σ of the *unnormalised-by-scale* input (σ = σ_i(G)/‖G‖_F)."""
