@@ -41,7 +41,7 @@ from calibrate.cli import default_cache_dir
 from calibrate.corpus import load_corpus
 from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors
-from calibrate.objective import safety, sample_errors, stack_spectra
+from calibrate.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
 from calibrate.sampling import Sample
 from calibrate.sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
 from calibrate.sampling.synthetic import FAMILIES, synthetic_sample
@@ -214,7 +214,7 @@ def header(args) -> list[str]:
 def long_rows(key, scores: Scores, schedules) -> list[str]:
     return [
         f"| {format_shape(key)} | {name} | {scores.spectral[name]:.4f} | {scores.worst[name]:.4f} | "
-        f"{scores.bf16[name]:.4f} | {safety(schedule).high:.4f} |"
+        f"{scores.bf16[name]:.4f} | {exact_bound(schedule):.4f} | {bound_text(rounded_bound(schedule))} |"
         for name, schedule in schedules.items()
     ]
 
@@ -222,8 +222,9 @@ def long_rows(key, scores: Scores, schedules) -> list[str]:
 def run_long(keys, tables, args) -> str:
     lines = [
         *header(args),
-        "| shape | coefficients | mean spectral error (f64) | worst | bf16 matrix error | max P on [0,1] |",
-        "|---|---|---|---|---|---|",
+        "| shape | coefficients | mean spectral error (f64) | worst | bf16 matrix error | max P on [0,1] "
+        f"| max P, {ROUNDING_MARGIN:.0%} rounding margin |",
+        "|---|---|---|---|---|---|---|",
     ]
     clip = clip_quantile(tables)
     for key in keys:
@@ -268,10 +269,13 @@ def leaderboard_shape(key, tables, args) -> tuple[list[str], list[str], str]:
         spectral_rows.append(table_row(key, f"{what} ({scores.count})", cells(scores.spectral)))
         if scores.checked:
             bf16_rows.append(table_row(key, f"{what} ({scores.checked})", cells(scores.bf16)))
-    bounds = {name: safety(schedule).high for name, schedule in schedules.items()}
-    spectral_rows.append(
-        table_row(key, "max P on [0,1]", [f"{bounds[c]:.4f}" if c in bounds else MISSING for c in COLUMNS])
-    )
+    for what, bound in (
+        ("max P on [0,1]", exact_bound),
+        (f"max P, {ROUNDING_MARGIN:.0%} rounding margin", rounded_bound),
+    ):
+        bounds = {name: bound(schedule) for name, schedule in schedules.items()}
+        texts = [bound_text(bounds[c]) if c in bounds else MISSING for c in COLUMNS]
+        spectral_rows.append(table_row(key, what, texts))
     note = ", ".join(f"{column} = {source}" for column, source in sources.items()) or "no calibrated entry"
     return spectral_rows, bf16_rows, f"{format_shape(key)}: {note}"
 
@@ -308,6 +312,20 @@ def run_leaderboard(keys, tables, args) -> str:
     if len(bf16) == 4:  # header lines only: --matrix-count and --synthetic-matrix-count were 0
         bf16 = ["bf16 matrix check: not run (--matrix-count 0, --synthetic-matrix-count 0)."]
     return "\n".join(header(args) + spectral + [""] + bf16 + legend)
+
+
+def exact_bound(schedule: Schedule) -> float:
+    """max of the composed polynomial on [0, 1], exactly (DESIGN.md §1)."""
+    return safety(schedule, margin=0.0).high
+
+
+def rounded_bound(schedule: Schedule) -> float:
+    """The same, when σ and every step's output may come out up to ROUNDING_MARGIN too large (bf16)."""
+    return safety(schedule).high
+
+
+def bound_text(value: float) -> str:
+    return f"{value:.4f}" if value < 1e4 else f"{value:.1e}"
 
 
 def clip_quantile(tables) -> float | None:

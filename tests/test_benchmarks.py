@@ -75,6 +75,7 @@ def test_precision_benchmark_smoke(tmp_path):
     )
     assert "| 16x48 | tiny@1 |" in out and "| 16x48 | polar-express |" in out
     assert "| 16x48 | classic |" in out and "| 16x48 | you-6step |" in out
+    assert "| max P on [0,1] | max P, 2% rounding margin |" in out
 
 
 @pytest.mark.slow
@@ -116,5 +117,7 @@ def test_precision_leaderboard_smoke(tmp_path):
         assert f"| 16x48 | synthetic {family} (1) |" in out
     assert "| 16x48 | held-out real (1) |" in out  # the bf16 row: one matrix checked
     assert "ours per-step = tiny@1, ours shared = tiny-shared@1" in out
+    assert "| 16x48 | max P on [0,1] | 1.0000 |" in out  # classic's exact range on [0, 1]
+    assert "| 16x48 | max P, 2% rounding margin |" in out
     eight = [line for line in out.splitlines() if line.startswith("| 8x32 | held-out real (2) |")]
     assert eight and eight[0].endswith("| — | — | — |")  # root-paper and both of ours: no entry
