@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, run_benchmark
 
 from root_core.tables import CoefficientTable, save_table
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def run_script(name: str, *args: str, tmp_path: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_benchmark(name, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_speedup.py"
+from conftest import run_benchmark
 
 
 @pytest.mark.slow
 def test_ddp_speedup_benchmark_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--scale", "0.02", "--blocks", "1", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        check=False,
+    result = run_benchmark(
+        "ddp_speedup.py", "--scale", "0.02", "--blocks", "1", "--repeats", "1", cwd=tmp_path, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "(s)" not in line]

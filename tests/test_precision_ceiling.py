@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_ceiling.py"
+from conftest import run_benchmark
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--cache", str(tmp_path / "cache")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        check=False,
-    )
+    return run_benchmark("precision_ceiling.py", *args, "--cache", str(tmp_path / "cache"), cwd=tmp_path)
 
 
 @pytest.mark.slow

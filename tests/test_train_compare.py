@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_compare.py"
 ARMS = ("AdamW", "Muon", "ROOT root-paper", "ROOT calibrated", "ROOT calibrated (no threshold)")
@@ -21,14 +21,7 @@ TINY = [
 
 
 def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        check=False,
-    )
+    return run_benchmark("train_compare.py", *args, cwd=cwd)
 
 
 @pytest.mark.slow
