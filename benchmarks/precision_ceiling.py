@@ -26,7 +26,7 @@ from results import publish
 from calibrate.cli import default_cache_dir
 from calibrate.errors import CalibrationError
 from calibrate.fit import FitSettings, fit
-from calibrate.objective import DEFAULT_MAX_GAIN, sample_errors, stack_spectra
+from calibrate.objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN, sample_errors, stack_spectra
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table
@@ -75,7 +75,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/precision_ceiling.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
         f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}`, clipped at q={CLIP_QUANTILE}; 5 steps, "
-        f"max P {args.max_gain}. Oracle = a schedule fitted on these very matrices: no table can do better.",
+        f"max P {args.max_gain} under the fit's {ROUNDING_MARGIN:.0%} rounding margin. Oracle = a schedule "
+        "fitted on these very matrices under the same bound: no table can do better.",
         "",
         "| shape | matrices | Polar Express | oracle per-step (÷ PE) | ≤ ½ PE reachable? | Muon | "
         "oracle shared (÷ Muon) |",
