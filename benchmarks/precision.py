@@ -214,9 +214,15 @@ def header(args) -> list[str]:
 def long_rows(key, scores: Scores, schedules) -> list[str]:
     return [
         f"| {format_shape(key)} | {name} | {scores.spectral[name]:.4f} | {scores.worst[name]:.4f} | "
-        f"{scores.bf16[name]:.4f} | {exact_bound(schedule):.4f} | {bound_text(rounded_bound(schedule))} |"
+        f"{_or_missing(scores.bf16[name])} | {exact_bound(schedule):.4f} | "
+        f"{bound_text(rounded_bound(schedule))} |"
         for name, schedule in schedules.items()
     ]
+
+
+def _or_missing(value: float) -> str:
+    """A score, or "—" where it was not measured (e.g. ``--matrix-count 0`` skips the bf16 check)."""
+    return MISSING if math.isnan(value) else f"{value:.4f}"
 
 
 def run_long(keys, tables, args) -> str:
