@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import math
 import platform
 import shlex
@@ -38,12 +36,11 @@ import torch
 from results import publish
 
 from calibrate.cli import default_cache_dir
-from calibrate.corpus import load_corpus
 from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors
 from calibrate.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
 from calibrate.sampling import Sample
-from calibrate.sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
+from calibrate.sampling.harvest import cached_harvest, resolve_steps
 from calibrate.sampling.synthetic import FAMILIES, synthetic_sample
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
@@ -128,24 +125,17 @@ def check_held_out(tables, corpus: Path) -> None:
 
 
 def held_out_samples(key, args) -> list[Sample]:
-    """The held-out harvest, read back from ``--cache`` when the same harvest ran before.
-
-    The key covers what a harvest depends on (shape, count, steps, seed, corpus bytes), so a cached
-    file is exactly what a new run would record; its folder is apart from calibration's cache.
-    """
-    steps = resolve_steps(key, args.count, args.steps)
-    if args.cache is None:
-        return harvest(key, args.count, seed=HELD_OUT_SEED, corpus=args.corpus, steps=steps)
-    text, _ = load_corpus(args.corpus)
-    identity = json.dumps([HARVEST_FORMAT, list(key), args.count, steps, HELD_OUT_SEED, "cpu"])
-    digest = hashlib.sha256(identity.encode() + text).hexdigest()[:32]
-    path = args.cache / "held-out-harvest" / f"{digest}.safetensors"
-    if path.exists():
-        return load_harvest(path)
-    samples = harvest(key, args.count, seed=HELD_OUT_SEED, corpus=args.corpus, steps=steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_harvest(samples, path, overwrite=True)
-    return samples
+    """The held-out harvest, read back from ``--cache`` when the same harvest ran before; its folder is
+    apart from calibration's cache."""
+    return cached_harvest(
+        key,
+        args.count,
+        seed=HELD_OUT_SEED,
+        corpus=args.corpus,
+        steps=resolve_steps(key, args.count, args.steps),
+        device="cpu",
+        folder=args.cache / "held-out-harvest" if args.cache is not None else None,
+    )
 
 
 def synthetic_sets(key, count: int) -> dict[str, list[Sample]]:

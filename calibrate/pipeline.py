@@ -5,8 +5,6 @@ Plain functions with the CLI as a thin layer on top (``calibrate/cli.py``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -20,14 +18,13 @@ import calibrate
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, load_table, next_version, save_table
 
-from .corpus import load_corpus
 from .errors import CalibrationError
 from .evaluate import matrix_errors
 from .fit import FitResult, FitSettings, fit
 from .objective import sample_errors, stack_spectra
 from .progress import Stages
 from .sampling import Sample
-from .sampling.harvest import HARVEST_FORMAT, harvest, load_harvest, resolve_steps, save_harvest
+from .sampling.harvest import cached_harvest, resolve_steps
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
 from .sampling.real import load_real_samples
 from .sampling.synthetic import family_cycle, synthetic_samples
@@ -147,39 +144,18 @@ def harvest_stage(plan: SamplePlan, request: CalibrationRequest, stages: Stages)
 
 
 def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest, advance) -> list[Sample]:
-    """The harvester's samples, from the on-disk cache when the same harvest ran before.
-
-    The key covers everything a harvest depends on (shape, count, steps, seed, device type and the
-    corpus bytes), so a cached file is exactly what a new harvest would record; a re-fit with another
-    --schedule or search setting then skips the training run.
-    """
-
-    def record() -> list[Sample]:
-        return harvest(
-            key,
-            count,
-            seed=request.seed,
-            corpus=request.corpus,
-            steps=steps,
-            device=request.device,
-            progress=advance,
-        )
-
-    if request.cache_dir is None:
-        return record()
-    text, _ = load_corpus(request.corpus)
-    identity = json.dumps(
-        [HARVEST_FORMAT, key, count, steps, request.seed, torch.device(request.device).type]
+    """The harvester's samples, from ``cache_dir/harvest`` when the same harvest ran before, so a re-fit
+    with another --schedule or search setting skips the training run."""
+    return cached_harvest(
+        key,
+        count,
+        seed=request.seed,
+        corpus=request.corpus,
+        steps=steps,
+        device=request.device,
+        folder=request.cache_dir / "harvest" if request.cache_dir is not None else None,
+        progress=advance,
     )
-    digest = hashlib.sha256(identity.encode() + text).hexdigest()[:32]
-    path = request.cache_dir / "harvest" / f"{digest}.safetensors"
-    if path.exists():
-        advance(steps)
-        return load_harvest(path)
-    samples = record()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_harvest(samples, path, overwrite=True)
-    return samples
 
 
 def calibrate_shape(

@@ -13,6 +13,7 @@ Nesterov-combined momentum, raw (clipping comes later in the pipeline, as in the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -413,6 +414,41 @@ def harvest(
         "progress": progress,
     }
     return run_harvest(shape, count, seed=seed, corpus=corpus, steps=steps, device=device, **settings).samples
+
+
+def cached_harvest(
+    shape: tuple[int, int],
+    count: int,
+    *,
+    seed: int,
+    corpus: str | Path | None,
+    steps: int,
+    device: str | torch.device,
+    folder: Path | None,
+    progress: ProgressFn | None = None,
+) -> list[Sample]:
+    """:func:`harvest`, read back from ``folder`` when the same harvest ran before (``None``: no cache).
+
+    The file name covers everything a harvest depends on (shape, count, steps, seed, device type and the
+    corpus bytes), so a cached file is exactly what a new harvest would record.
+    """
+
+    def record() -> list[Sample]:
+        return harvest(shape, count, seed=seed, corpus=corpus, steps=steps, device=device, progress=progress)
+
+    if folder is None:
+        return record()
+    text, _ = load_corpus(corpus)
+    identity = json.dumps([HARVEST_FORMAT, list(shape), count, steps, seed, torch.device(device).type])
+    path = folder / f"{hashlib.sha256(identity.encode() + text).hexdigest()[:32]}.safetensors"
+    if path.exists():
+        if progress is not None:
+            progress(steps)
+        return load_harvest(path)
+    samples = record()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_harvest(samples, path, overwrite=True)
+    return samples
 
 
 def _sample(matrix: Tensor, layer: str, step: int, loss: float, context: dict[str, Any]) -> Sample:
