@@ -241,7 +241,7 @@ def cells(values: dict[str, float]) -> list[str]:
     out = []
     for column in COLUMNS:
         value = values.get(column, math.nan)
-        text = MISSING if math.isnan(value) else f"{value:.4f}"
+        text = _or_missing(value)
         out.append(f"**{text}**" if value == best else text)
     return out
 

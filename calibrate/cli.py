@@ -82,11 +82,11 @@ def parse_families(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     names = tuple(name.strip() for name in text.split(","))
-    if any(name not in FAMILIES for name in names):
-        bad = next(name for name in names if name not in FAMILIES)
-        raise CalibrationError(
-            f"invalid --families '{text}': unknown family {bad!r}; choose from {', '.join(FAMILIES)}"
-        )
+    for name in names:
+        if name not in FAMILIES:
+            raise CalibrationError(
+                f"invalid --families '{text}': unknown family {name!r}; choose from {', '.join(FAMILIES)}"
+            )
     return names
 
 

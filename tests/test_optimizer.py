@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import FRAGILE
 from torch import nn
 
 from root_core import ROOT, CoefficientTable, load_table, orthogonalize, root_param_groups
@@ -310,15 +311,7 @@ def test_fragile_rows_warn_once_per_shape_and_robust_ones_do_not():
     fragile = CoefficientTable.create(
         name="fragile",
         default_rows=load_table("muon").default_schedule.rows,
-        entries={
-            (64, 128): [
-                (7.782698702088144, -21.214866685480814, 14.457407062837383),
-                (4.103664610586687, -3.346893307169168, 0.6824581801754839),
-                (3.695548992733615, -3.15980400681428, 0.6921100344670865),
-                (2.9801292994171504, -2.4635915050947075, 0.590888608352119),
-                (2.2430543484209284, -1.8817357903042349, 0.6001193678042358),
-            ]
-        },
+        entries={(64, 128): list(FRAGILE.rows)},
     )
     params = make_params((64, 128), (128, 64))  # one canonical shape, two orientations
     with pytest.warns(FragileScheduleWarning) as caught:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLASSIC, MUON, POLAR_EXPRESS
+from conftest import CLASSIC, FRAGILE, MUON, POLAR_EXPRESS
 
 from root_core.schedule import Schedule
 from root_core.spectral import composition_range, spectral_error
@@ -45,19 +45,6 @@ def test_spectral_error_is_zero_at_the_fixed_point_and_rms_elsewhere():
     sigma = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     error = spectral_error(sigma, Schedule(rows=((1.0, 0.0, 0.0),)))
     torch.testing.assert_close(error, torch.tensor([0.0, 0.5**0.5], dtype=torch.float64))
-
-
-# A fragile per-step schedule from a table fitted on [0, 1] alone (coeff_tables/llama-3.2-1b/v1.json,
-# 2048x8192): within 1.25 on [0, 1], astronomically large 1% above it.
-FRAGILE = Schedule(
-    rows=(
-        (7.782698702088144, -21.214866685480814, 14.457407062837383),
-        (4.103664610586687, -3.346893307169168, 0.6824581801754839),
-        (3.695548992733615, -3.15980400681428, 0.6921100344670865),
-        (2.9801292994171504, -2.4635915050947075, 0.590888608352119),
-        (2.2430543484209284, -1.8817357903042349, 0.6001193678042358),
-    )
-)
 
 
 @pytest.mark.parametrize("schedule", [MUON, POLAR_EXPRESS, FRAGILE])
