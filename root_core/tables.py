@@ -127,8 +127,11 @@ class CoefficientTable:
 
     Build one with ``create``, ``from_dict`` or ``load_table``; the constructor validates the same way and
     raises ``TableError``. ``content_hash`` is computed, never passed: it is the sha256 of the canonical JSON
-    of everything except ``created`` and the hash itself, so it names the numbers, not when they were
-    written. Treat ``provenance`` and entry ``metrics`` as read-only: the hash is taken at construction.
+    of everything except ``created`` and the hash itself, so it names the file's content, not when it was
+    written. ``coefficients_hash`` covers only what the iteration uses (normalisation, default and entry
+    rows and steps): two tables with the same numbers but other metrics or provenance share it, and it is
+    what a resumed optimizer checks. Treat ``provenance`` and entry ``metrics`` as read-only: the hashes
+    are taken at construction.
     """
 
     schema: int = SCHEMA_VERSION
@@ -142,6 +145,7 @@ class CoefficientTable:
     provenance: dict[str, Any] = field(default_factory=dict, hash=False)
     description: str | None = None
     content_hash: str = field(init=False, default="")
+    coefficients_hash: str = field(init=False, default="")
     _by_shape: dict[tuple[int, int], TableEntry] = field(
         init=False, default_factory=dict, repr=False, compare=False, hash=False
     )
@@ -155,6 +159,7 @@ class CoefficientTable:
         for key, value in fields.items():
             object.__setattr__(self, key, value)
         object.__setattr__(self, "content_hash", _hash_content(self._content()))
+        object.__setattr__(self, "coefficients_hash", _hash_content(self._coefficients()))
         object.__setattr__(self, "_by_shape", {entry.shape: entry for entry in self.entries})
 
     # ---- construction ------------------------------------------------------------------------------
@@ -235,6 +240,12 @@ class CoefficientTable:
         data["provenance"] = _copy_json(self.provenance)
         return data
 
+    def _coefficients(self) -> dict[str, Any]:
+        """The part of the content the iteration uses; ``coefficients_hash`` is taken over it."""
+        content = self._content()
+        entries = [{k: v for k, v in e.items() if k != "metrics"} for e in content["entries"]]
+        return {"normalization": content["normalization"], "default": content["default"], "entries": entries}
+
     def _raw(self) -> dict[str, Any]:
         """The constructor's arguments in dict form, so one validator serves both paths."""
         norm = self.normalization
@@ -273,8 +284,27 @@ class CoefficientTable:
 
     @property
     def ref(self) -> dict[str, Any]:
-        """What a checkpoint records to name this exact table."""
-        return {"name": self.name, "version": self.version, "content_hash": self.content_hash}
+        """What names this exact table: its name, version and both hashes."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "content_hash": self.content_hash,
+            "coefficients_hash": self.coefficients_hash,
+        }
+
+    def rows_differing_from(self, other: CoefficientTable) -> list[str]:
+        """What the iteration would do differently with ``other``: "normalization", "default rows" and
+        the listed shapes (``MxN``) whose rows or steps differ or that only one of the two lists."""
+        differ = []
+        if self.normalization != other.normalization:
+            differ.append("normalization")
+        if (self.default, self.default_steps) != (other.default, other.default_steps):
+            differ.append("default rows")
+        for shape in sorted(set(self._by_shape) | set(other._by_shape)):
+            mine, theirs = self._by_shape.get(shape), other._by_shape.get(shape)
+            if (mine and (mine.coefficients, mine.steps)) != (theirs and (theirs.coefficients, theirs.steps)):
+                differ.append(f"{shape[0]}x{shape[1]}")
+        return differ
 
     @property
     def default_schedule(self) -> Schedule:

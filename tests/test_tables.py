@@ -226,7 +226,12 @@ def test_bad_missing_policy():
 def test_identity_and_ref():
     table = load_table("root-paper")
     assert re.fullmatch(r"root-paper@1 \(sha256:[0-9a-f]{8}…\)", table.identity)
-    assert table.ref == {"name": "root-paper", "version": 1, "content_hash": table.content_hash}
+    assert table.ref == {
+        "name": "root-paper",
+        "version": 1,
+        "content_hash": table.content_hash,
+        "coefficients_hash": table.coefficients_hash,
+    }
 
 
 # ---- validation errors --------------------------------------------------------------------------------
