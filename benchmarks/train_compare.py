@@ -225,7 +225,8 @@ def make_optimizer(arm: str, model: nn.Module, lr: float, table, ns_dtype: torch
         return Optimizers(
             torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=WEIGHT_DECAY)
         )
-    groups = root_param_groups(model)
+    # One lr, and weight decay on every AdamW parameter (vectors too), as the AdamW arm has.
+    groups = root_param_groups(model, adamw_lr=None, decay_vectors=True)
     if arm == "Muon":
         muon = torch.optim.Muon(
             groups[0]["params"], lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"

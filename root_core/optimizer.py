@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.adam import adam
 
 from .distributed import (
@@ -28,6 +28,7 @@ from .distributed import (
 )
 from .newton_schulz import DEFAULT_EPS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
+from .param_groups import root_param_groups
 from .schedule import Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
 from .tables import CoefficientTable, load_table
@@ -344,39 +345,6 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> 
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     return lr * math.sqrt(max(1.0, rows / cols))
-
-
-def root_param_groups(
-    model: nn.Module,
-    *,
-    adamw_lr: float | None = None,
-    adamw_names: Iterable[str] = ("lm_head", "head", "output", "classifier", "embed"),
-    adamw_weight_decay: float | None = None,
-) -> list[dict[str, Any]]:
-    """Split ``model``'s parameters the way Muon-family training does.
-
-    Matrices (and conv kernels) go to ROOT; 0-/1-D parameters, ``nn.Embedding`` weights and parameters
-    whose qualified name has a component starting with one of ``adamw_names`` go to AdamW, because
-    orthogonalised updates suit hidden layers, not lookup tables or the output projection.
-    Shared (tied) parameters are listed once. ``adamw_lr``/``adamw_weight_decay`` set that group's lr/wd.
-    """
-    adamw_names = tuple(adamw_names)
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    root, adamw = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        named_out = any(part.startswith(adamw_names) for part in name.split("."))
-        if p.ndim < 2 or id(p) in embedding_params or named_out:
-            adamw.append(p)
-        else:
-            root.append(p)
-    adamw_group: dict[str, Any] = {"params": adamw, "use_root": False}
-    if adamw_lr is not None:
-        adamw_group["lr"] = adamw_lr
-    if adamw_weight_decay is not None:
-        adamw_group["weight_decay"] = adamw_weight_decay
-    return [g for g in ({"params": root, "use_root": True}, adamw_group) if g["params"]]
 
 
 def _routes_to_root(group: dict[str, Any], p: Tensor) -> bool:
