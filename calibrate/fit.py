@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,10 +24,32 @@ from root_core.schedule import Schedule
 from root_core.tables import load_table
 
 from .errors import CalibrationError
-from .objective import DEFAULT_MAX_GAIN, Safety, mean_error, penalised_objective, rows_from_vector, safety
+from .objective import (
+    DEFAULT_MAX_GAIN,
+    LOW_RANK_FACTOR,
+    LOW_RANK_KEEP,
+    STRESS_MODES,
+    STRESS_TOLERANCE,
+    TAIL_FACTORS,
+    TAIL_FRACTION,
+    Safety,
+    StressSet,
+    mean_error,
+    penalised_objective,
+    rows_from_vector,
+    safety,
+    stress_excess,
+    stress_sets,
+)
 
 BACKENDS = ("scipy", "optuna")
 SCHEDULE_FORMS = ("per-step", "shared")
+# "robust": the mean error, subject to being no worse than the baseline on every stress set (issue 10);
+# "mean": the mean error alone, the fit before issue 10.
+FIT_CRITERIA = ("robust", "mean")
+# The baseline a robust fit must match on the stress sets, per schedule form (bundled tables): Polar
+# Express's rows (extended by its last row beyond 5 steps), or Muon's triple for one shared triple.
+STRESS_BASELINES = {"per-step": "polar-express", "shared": "muon"}
 # Search boxes per row. They contain every published set (Polar Express's first row is
 # (8.16, −22.5, 15.9)) with room to spare; a > 0 keeps small singular values growing.
 SHARED_BOUNDS = [(0.5, 6.0), (-12.0, 1.0), (-1.0, 8.0)]
@@ -53,6 +75,8 @@ class FitSettings:
     seed: int = 0
     iterations: int = 200  # DE generations, or optuna trials ÷ 10
     storage: str | None = None
+    criterion: str = "robust"
+    stress_mode: str = "constraint"
 
     def __post_init__(self) -> None:
         if self.form not in SCHEDULE_FORMS:
@@ -69,10 +93,22 @@ class FitSettings:
             )
         if self.storage is not None and self.backend != "optuna":
             raise CalibrationError("--storage needs --backend optuna")
+        if self.criterion not in FIT_CRITERIA:
+            raise CalibrationError(
+                f"invalid --fit '{self.criterion}': expected one of {', '.join(FIT_CRITERIA)}"
+            )
+        if self.stress_mode not in STRESS_MODES:
+            raise CalibrationError(
+                f"invalid stress mode '{self.stress_mode}': expected one of {', '.join(STRESS_MODES)}"
+            )
 
     @property
     def shared(self) -> bool:
         return self.form == "shared"
+
+    @property
+    def stress_baseline(self) -> str:
+        return STRESS_BASELINES[self.form]
 
 
 @dataclass
@@ -84,6 +120,8 @@ class FitResult:
     evaluations: int
     seconds: float
     method: dict[str, object] = field(default_factory=dict)
+    # The stress sets' errors next to the baseline's, and the price in mean error (``robust_report``).
+    robust: dict[str, object] = field(default_factory=dict)
 
 
 def compress(spectra: Tensor, points: int = SEARCH_POINTS) -> Tensor:
@@ -130,9 +168,75 @@ def fit(
     label: str = "",
     extra_starts: Mapping[str, Schedule] | None = None,
 ) -> FitResult:
-    """Fit one schedule to the calibration spectra (samples × r) of one shape, e.g. label "2048x8192"."""
+    """Fit one schedule to the calibration spectra (samples × r) of one shape, e.g. label "2048x8192".
+
+    Both criteria fit the mean error first. The robust one then needs the rows to be no worse than the
+    baseline (``STRESS_BASELINES``) on every stress set of the calibration spectra; where the mean fit
+    already is, it is the robust fit too (the constrained optimum of a problem whose unconstrained
+    optimum is feasible), else a second search runs under the constraint. A shared optuna storage always
+    gets the robust search (workers joining it must score one objective); the reference mean fit then
+    runs without the storage.
+    """
+    started = time.perf_counter()
+    baseline = load_table(settings.stress_baseline).default_schedule.with_steps(settings.steps)
+    stress = stress_sets(spectra, baseline)
+    if settings.criterion == "mean":
+        result = _search_fit(spectra, settings, label, extra_starts, stress=())
+        result.robust = robust_report(result, result, stress, settings, searches=1)
+        return result
+    mean_fit = _search_fit(spectra, replace(settings, storage=None), label, extra_starts, stress=())
+    if settings.storage is None and stress_excess(mean_fit.schedule, stress) == 0.0:
+        robust, searches = mean_fit, 1
+    else:
+        robust, searches = _search_fit(spectra, settings, label, extra_starts, stress=stress), 2
+    robust.robust = robust_report(robust, mean_fit, stress, settings, searches=searches)
+    robust.evaluations += mean_fit.evaluations if robust is not mean_fit else 0
+    robust.seconds = time.perf_counter() - started
+    return robust
+
+
+def robust_report(
+    chosen: FitResult, mean_fit: FitResult, stress: Sequence[StressSet], settings: FitSettings, searches: int
+) -> dict[str, object]:
+    """What the table records: each stress set's error next to the baseline's, and the price in mean error."""
+    sets = {}
+    for s in stress:
+        error = mean_error(s.spectra, chosen.schedule)
+        sets[s.name] = {
+            "error": error,
+            "baseline_error": s.baseline_error,
+            "guaranteed": error <= s.baseline_error + STRESS_TOLERANCE,
+        }
+    return {
+        "criterion": settings.criterion,
+        "baseline": settings.stress_baseline,
+        "stress_sets": {
+            "tail": f"lowest {TAIL_FRACTION:.0%} of σ times {', '.join(map(str, TAIL_FACTORS.values()))}",
+            "low-rank": f"all but the top {LOW_RANK_KEEP:.3g} of σ times {LOW_RANK_FACTOR}",
+        },
+        "stress": sets,
+        "guaranteed": [name for name, v in sets.items() if v["guaranteed"]],
+        "mean_fit_error": mean_fit.calibration_error,
+        "robust_fit_error": chosen.calibration_error if settings.criterion == "robust" else None,
+        "price": chosen.calibration_error - mean_fit.calibration_error,
+        "searches": searches,
+    }
+
+
+def _search_fit(
+    spectra: Tensor,
+    settings: FitSettings,
+    label: str,
+    extra_starts: Mapping[str, Schedule] | None,
+    *,
+    stress: Sequence[StressSet],
+) -> FitResult:
+    """One search: the mean error within the bound, and no worse than the baseline on ``stress`` if given."""
     started = time.perf_counter()
     search_spectra = compress(spectra)
+    search_stress = [
+        StressSet(s.name, compress(s.spectra), _compressed_baseline(s, settings)) for s in stress
+    ]
     bounds = SHARED_BOUNDS if settings.shared else PER_STEP_BOUNDS * settings.steps
     starts = {**start_schedules(settings.steps, settings.shared), **(extra_starts or {})}
     counter = [0]
@@ -140,7 +244,13 @@ def fit(
     def objective(vector: np.ndarray) -> float:
         counter[0] += 1
         return penalised_objective(
-            vector, search_spectra, steps=settings.steps, shared=settings.shared, max_gain=settings.max_gain
+            vector,
+            search_spectra,
+            steps=settings.steps,
+            shared=settings.shared,
+            max_gain=settings.max_gain,
+            stress=search_stress,
+            stress_mode=settings.stress_mode,
         )
 
     search = _search_scipy if settings.backend == "scipy" else _search_optuna
@@ -149,13 +259,13 @@ def fit(
         bounds,
         {name: to_vector(s, bounds) for name, s in starts.items()},
         settings,
-        _study_name(settings, label, search_spectra),
+        _study_name(settings, label, search_spectra, robust=bool(stress)),
     )
     polished = _polish(
         objective, found, bounds, budget=POLISH_EVALUATIONS_PER_ITERATION * settings.iterations
     )
     start_errors = {label: mean_error(spectra, s) for label, s in starts.items()}
-    schedule = _best_feasible([polished, found], starts, spectra, settings)
+    schedule = _best_feasible([polished, found], starts, spectra, settings, stress)
     return FitResult(
         schedule=schedule,
         calibration_error=mean_error(spectra, schedule),
@@ -172,15 +282,29 @@ def fit(
             "iterations": settings.iterations,
             "bounds": [list(b) for b in bounds[:3]],
             "search_points": SEARCH_POINTS,
+            "criterion": settings.criterion,
+            **({"stress_mode": settings.stress_mode} if settings.criterion == "robust" else {}),
             **method,
         },
     )
 
 
+def _compressed_baseline(stress: StressSet, settings: FitSettings) -> float:
+    """The baseline's error on the compressed stress spectra the search scores."""
+    baseline = load_table(settings.stress_baseline).default_schedule.with_steps(settings.steps)
+    return mean_error(compress(stress.spectra), baseline)
+
+
 def _best_feasible(
-    vectors, starts: Mapping[str, Schedule], spectra: Tensor, settings: FitSettings
+    vectors,
+    starts: Mapping[str, Schedule],
+    spectra: Tensor,
+    settings: FitSettings,
+    stress: Sequence[StressSet] = (),
 ) -> Schedule:
-    """The lowest full-spectrum error among the found points and the starts that respect the bound."""
+    """The lowest full-spectrum error among the found points and the starts that respect the bound and,
+    with ``stress``, match the baseline on every full-spectrum stress set (the baseline start always does,
+    so the robust fit exists wherever the baseline is within --max-gain)."""
     candidates = [Schedule(rows=_rows(v, settings), steps=settings.steps) for v in vectors]
     candidates += list(starts.values())
     feasible = [s for s in candidates if safety(s, settings.max_gain).ok]
@@ -188,6 +312,13 @@ def _best_feasible(
         raise CalibrationError(
             f"no coefficient set found within --max-gain {settings.max_gain}; raise it (Muon's needs 1.21)"
         )
+    if stress:
+        feasible = [s for s in feasible if stress_excess(s, stress) == 0.0]
+        if not feasible:
+            raise CalibrationError(
+                f"no coefficient set within --max-gain {settings.max_gain} matches "
+                f"{settings.stress_baseline} on the stress sets; raise --max-gain or pass --fit mean"
+            )
     return min(feasible, key=lambda s: mean_error(spectra, s))
 
 
@@ -232,7 +363,9 @@ def _search_optuna(
     Workers may start together: the storage's tables and the study are created by whichever gets there
     first (the others load them), only the creator adds the start points (as finished trials, so no two
     workers can take the same queued one), and all workers together stop at iterations × 10 finished
-    trials, so a resume of a finished study adds none.
+    trials, so a resume of a finished study adds none. The budget counts COMPLETE trials only: a worker
+    killed mid-trial leaves that trial RUNNING for good (no heartbeat: it doubled the time per trial on
+    PostgreSQL, benchmarks/RESULTS.md), and the others, or a re-run, make up for it.
     """
     import optuna
     from optuna.trial import TrialState
@@ -283,11 +416,17 @@ def _search_optuna(
                 n_trials=remaining,
                 callbacks=[optuna.study.MaxTrialsCallback(budget, states=(TrialState.COMPLETE,))],
             )
-        best = np.array([study.best_params[n] for n in names])
+        best_trial = study.best_trial  # one read: with other workers still adding trials, it may move
+        best = np.array([best_trial.params[n] for n in names])
         trials = _finished(study)
     except (optuna.exceptions.StorageInternalError, _sqlalchemy_error()) as error:
         raise _storage_error(settings.storage, error) from error
-    method: dict[str, object] = {"global": "optuna.TPESampler", "trials": trials, "study": study.study_name}
+    method: dict[str, object] = {
+        "global": "optuna.TPESampler",
+        "trials": trials,
+        "study": study.study_name,
+        "best_trial": best_trial.number,  # the study's best when this worker read it; polished after
+    }
     if storage is not None:
         method["shared_storage"] = True
         method["reproducible"] = False  # workers' trials interleave; each samples from its own seed
@@ -341,6 +480,11 @@ def _open_storage(url: str):
     raise AssertionError("unreachable")
 
 
+def check_storage(url: str) -> None:
+    """Open the storage once before any long work: a bad URL fails in a second, not after the spectra."""
+    _open_storage(url).engine.dispose()
+
+
 def _storage_error(url: str | None, error: BaseException) -> CalibrationError:
     """One line naming the storage (password hidden) and the database's own reason."""
     cause = error
@@ -362,7 +506,7 @@ def _masked(url: str | None) -> str:
         return str(url)
 
 
-def _study_name(settings: FitSettings, label: str, spectra: Tensor) -> str:
+def _study_name(settings: FitSettings, label: str, spectra: Tensor, robust: bool = False) -> str:
     """One study per shape, setting and objective, so workers sharing a storage join the same search.
 
     The digest of the (compressed) calibration spectra stands for everything that shapes them —
@@ -370,6 +514,8 @@ def _study_name(settings: FitSettings, label: str, spectra: Tensor) -> str:
     separate studies instead of mixing trials scored on different objectives.
     """
     form = f"{settings.form}:{settings.steps}steps:gain{settings.max_gain}"
+    if robust:  # another objective: the stress constraint (its mode too) changes every score
+        form += f":robust-{settings.stress_mode}"
     return f"root-calibrate:{label}:{form}:seed{settings.seed}:spectra-{spectra_digest(spectra)}"
 
 
