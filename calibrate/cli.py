@@ -17,15 +17,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from root_core.tables import TableError
+from root_core.tables import TableError, table_spec_for, user_tables_dir
 
 from . import ranks
 from .errors import CalibrationError
 from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
 from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
-from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs
+from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
 from .progress import stages
 from .sampling.mix import parse_ratio
+from .sampling.probes import DEFAULT_PROBES, parse_probes
 from .sampling.real import validate_real_paths
 from .sampling.synthetic import FAMILIES
 from .shapes import format_shape, parse_shapes, resolve_shapes
@@ -41,7 +42,10 @@ Examples:
 
   root-calibrate harvest --shapes 1024x4096 --count 8 --out harvest.safetensors
 """
-DEFAULT_OUT = Path("coeff_tables")
+PROBES_HELP = (
+    "Harvester probes, FAMILY-OPTIMIZER, comma-separated; samples cycle through them. Default: "
+    + ",".join(DEFAULT_PROBES)
+)
 SUBCOMMANDS = ("calibrate", "harvest", "plot", "report", "show", "list")
 
 app = typer.Typer(
@@ -118,10 +122,20 @@ def calibrate_command(
     real: Annotated[
         list[Path] | None, typer.Option(help="Real momentum: safetensors/.pt files or folders")
     ] = None,
+    real_is_momentum: Annotated[
+        bool,
+        typer.Option(
+            "--real-is-momentum",
+            help="Take every tensor in --real as momentum. Without it a file must say so: an optimizer "
+            'state_dict, a harvest file, safetensors metadata {"root_calibrate": "momentum"} or a '
+            "*.momentum.safetensors / *.momentum.pt name",
+        ),
+    ] = False,
     corpus: Annotated[
         Path | None, typer.Option(help="Text for the harvester (default: Python stdlib)")
     ] = None,
     harvest_steps: Annotated[int | None, typer.Option(help="Training steps of the harvester")] = None,
+    probes: Annotated[str | None, typer.Option(help=PROBES_HELP)] = None,
     clip_quantile: Annotated[
         str, typer.Option(help="Soft-threshold quantile, as in ROOT, or 'none'")
     ] = "0.9",
@@ -143,8 +157,14 @@ def calibrate_command(
     seed: Annotated[int, typer.Option(help="Seed for samples, split and search")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Tables folder; writes OUT/NAME/vN.json")
-    ] = DEFAULT_OUT,
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Tables folder; writes OUT/NAME/vN.json. Default: your table folder, which ROOT searches "
+            "($ROOT_COEFF_HOME, else $XDG_DATA_HOME/root-calibrate/tables, else "
+            "~/.local/share/root-calibrate/tables)",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Table name (default: --arch, else 'calibrated')")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for harvests and spectra")] = None,
     no_cache: Annotated[
@@ -156,6 +176,7 @@ def calibrate_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Fit per-shape coefficients against the SVD polar factor and write a versioned table."""
+    out_dir = out_dir or user_tables_dir()
 
     def checked_request() -> CalibrationRequest:
         request = CalibrationRequest(
@@ -166,8 +187,10 @@ def calibrate_command(
             samples=samples,
             seed=seed,
             real=list(real or []),
+            real_is_momentum=real_is_momentum,
             corpus=corpus,
             harvest_steps=harvest_steps,
+            probes=parse_probes(probes),
             clip_quantile=parse_clip(clip_quantile),
             families=parse_families(families),
             device=resolve_device(device),
@@ -208,8 +231,13 @@ def calibrate_as(team: ranks.Team, checked_request, quiet: bool) -> int:
             print_error(str(error))
         return 1
     if team.leader:
+        for line in fallback_warnings(request, results):
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
         if not quiet:
             out.print(summary(results))
+        # The path stays the last line, for scripts; the line before says how to use the table.
+        hint = f'load it with ROOT(..., table="{table_spec_for(path)}")'
+        out.print(hint, markup=False, highlight=False, soft_wrap=True)
         out.print(str(path), markup=False, highlight=False, soft_wrap=True)
     sys.stdout.flush()  # before the ranks part: torchrun stops rank 0 once another rank has exited
     return 0
@@ -223,12 +251,14 @@ def harvest_command(
     corpus: Annotated[Path | None, typer.Option(help="Text to train on (default: Python stdlib)")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the model and the data order")] = 0,
+    probes: Annotated[str | None, typer.Option(help=PROBES_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
-    """Record real momentum from a small byte-level LM trained on text; save it for --real."""
-    from .sampling.harvest import harvest, resolve_steps, save_harvest
+    """Record real momentum (Muon's and AdamW's) from small byte-level LMs at early, middle and late
+    steps of training on text; save it for --real."""
+    from .sampling.harvest import harvest, harvest_run_steps, resolve_steps, save_harvest
 
     try:
         keys = parse_shapes(shapes)
@@ -237,18 +267,21 @@ def harvest_command(
         if out_file.exists() and not overwrite:
             raise CalibrationError(f"--out '{out_file}' exists; pass --overwrite to replace it")
         check_out_dir(out_file.parent)
+        mix = parse_probes(probes)
         samples = []
         with stages(quiet, err) as progress:
             for key in keys:
-                total = resolve_steps(key, count, steps, device=resolve_device(device))
+                run = resolve_steps(key, count, steps, device=resolve_device(device), probes=mix)
+                total = harvest_run_steps(key, count, run, mix)
                 with progress.stage(f"{format_shape(key)} harvest ({total} steps)", total) as advance:
                     samples += harvest(
                         key,
                         count,
                         seed=seed,
                         corpus=corpus,
-                        steps=steps,
+                        steps=run,
                         device=resolve_device(device),
+                        probes=mix,
                         progress=advance,
                     )
         path = save_harvest(samples, out_file, overwrite=overwrite)
@@ -273,6 +306,23 @@ def resolve_device(device: str) -> str:
             raise CalibrationError(f"invalid --device '{device}': CUDA is not available on this machine")
         return device
     raise CalibrationError(f"invalid --device '{device}': expected auto, cpu or cuda")
+
+
+def fallback_warnings(request: CalibrationRequest, results: list[ShapeResult]) -> list[str]:
+    """One line per shape whose real samples were (partly) harvested although --real was given."""
+    if not request.real:
+        return []
+    lines = []
+    for result in results:
+        origins = real_origins(result)
+        if origins["harvest"]:
+            found = f"only {origins['files']}" if origins["files"] else "no"
+            lines.append(
+                f"warning: --real held {found} {format_shape(result.key)} tensor(s); "
+                f"{origins['harvest']} of its real samples were harvested instead (see provenance "
+                "real_per_shape)"
+            )
+    return lines
 
 
 def summary(results: list[ShapeResult]) -> Table:

@@ -20,12 +20,13 @@ from root_core.tables import CoefficientTable, load_table, next_version, save_ta
 
 from .errors import CalibrationError
 from .evaluate import matrix_errors
-from .fit import FitResult, FitSettings, fit
+from .fit import FitResult, FitSettings, check_storage, fit
 from .objective import sample_errors, stack_spectra
 from .progress import Stages
 from .sampling import Sample
-from .sampling.harvest import cached_harvest, resolve_steps
+from .sampling.harvest import cached_harvest, harvest_run_steps, resolve_steps
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
+from .sampling.probes import parse_probes
 from .sampling.real import load_real_samples
 from .sampling.synthetic import family_cycle, synthetic_samples
 from .shapes import LayerShape, format_shape
@@ -49,8 +50,10 @@ class CalibrationRequest:
     samples: int = 16
     seed: int = 0
     real: list[Path] = field(default_factory=list)
+    real_is_momentum: bool = False  # --real-is-momentum: unmarked plain tensors count as momentum
     corpus: Path | None = None
     harvest_steps: int | None = None
+    probes: tuple[str, ...] | None = None  # the harvester's probe mix; None = its DEFAULT_PROBES
     clip_quantile: float | None = 0.9
     families: tuple[str, ...] | None = None  # synthetic family cycle; None = DEFAULT_MIX
     fit: FitSettings = field(default_factory=FitSettings)
@@ -138,8 +141,11 @@ def collect_samples(
 
 
 def harvest_stage(plan: SamplePlan, request: CalibrationRequest, stages: Stages) -> list[Sample]:
-    steps = resolve_steps(plan.key, plan.harvest, request.harvest_steps, device=request.device)
-    with stages.stage(f"{format_shape(plan.key)} harvest ({steps} training steps)", steps) as advance:
+    steps = resolve_steps(
+        plan.key, plan.harvest, request.harvest_steps, device=request.device, probes=request.probes
+    )
+    total = harvest_run_steps(plan.key, plan.harvest, steps, request.probes)
+    with stages.stage(f"{format_shape(plan.key)} harvest ({total} training steps)", total) as advance:
         return harvested(plan.key, plan.harvest, steps, request, advance)
 
 
@@ -154,6 +160,7 @@ def harvested(key: ShapeKey, count: int, steps: int, request: CalibrationRequest
         steps=steps,
         device=request.device,
         folder=request.cache_dir / "harvest" if request.cache_dir is not None else None,
+        probes=request.probes,
         progress=advance,
     )
 
@@ -307,8 +314,12 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
         "validation_fraction": request.validation_fraction,
         "clip_quantile": request.clip_quantile,
         "synthetic_families": family_cycle(request.families),
-        "real_sources": [str(p) for p in request.real] or ["harvest"],
+        # What actually supplied the real samples: --real paths that had a tensor of some shape, and
+        # "harvest" where the harvester filled in; per shape in "real_per_shape".
+        "real_sources": real_sources_used(request, results),
+        "real_per_shape": {format_shape(r.key): real_origins(r) for r in results},
         "corpus": str(request.corpus) if request.corpus else "python-stdlib",
+        "harvest_probes": list(parse_probes(request.probes)),
         "search": results[0].fit.method if results else {},
         "default_rows": "muon (KellerJordan/Muon), the ROOT reference's fallback",
         "layers": [
@@ -320,13 +331,42 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
     }
 
 
+def real_origins(result: ShapeResult) -> dict[str, int]:
+    """How many of a shape's real samples came from --real files and how many from the harvester."""
+    files = sum(source.startswith("file:") for source in result.sources)
+    harvested = sum(source.startswith("harvest:") for source in result.sources)
+    return {"files": files, "harvest": harvested}
+
+
+def real_sources_used(request: CalibrationRequest, results: Sequence[ShapeResult]) -> list[str]:
+    sources = [s for r in results for s in r.sources]
+    used = [str(p) for p in request.real if any(_from_path(source, p) for source in sources)]
+    harvested = any(real_origins(r)["harvest"] for r in results)
+    return used + (["harvest"] if harvested or not used else [])
+
+
+def _from_path(source: str, path: Path) -> bool:
+    """Whether a ``file:<file>[:<key>]`` source comes from ``path`` (that file, or a folder above it)."""
+    text = f"file:{path}"
+    return source == text or source.startswith((f"{text}:", f"{text}/"))
+
+
 def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeResult]]:
     """Calibrate every shape, then write the table once; nothing is written if any stage fails."""
-    files = load_real_samples(request.real, request.shapes) if request.real else {}
+    files = real_files(request)
     cache = SpectrumCache(request.cache_dir / "spectra" if request.cache_dir else None)
     results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
     table = build_table(request, results)
     return save_table(table, request.out), results
+
+
+def real_files(request: CalibrationRequest) -> dict[ShapeKey, list[Sample]]:
+    """The --real samples per shape; a file not marked as momentum is refused (sampling/real.py)."""
+    if not request.real:
+        return {}
+    return load_real_samples(
+        request.real, request.shapes, is_momentum=request.real_is_momentum, flag="--real-is-momentum"
+    )
 
 
 def _spread(samples: list[Sample], count: int) -> list[Sample]:
@@ -362,3 +402,5 @@ def check_calibration_inputs(request: CalibrationRequest) -> None:
     if request.check_samples < 1:
         raise CalibrationError(f"invalid --check-samples {request.check_samples}: expected ≥ 1")
     family_cycle(request.families)
+    if request.fit.storage is not None:
+        check_storage(request.fit.storage)

@@ -45,7 +45,6 @@ from .progress import Stages
 from .sampling import Sample
 from .sampling.harvest import DEFAULT_TOKENS_PER_STEP, resolve_steps
 from .sampling.mix import reject_non_finite, train_validation_split
-from .sampling.real import load_real_samples
 from .sampling.synthetic import family_at, synthetic_sample
 from .shapes import format_shape
 from .spectra import SpectrumCache
@@ -207,7 +206,7 @@ def make_share(request, stages: Stages, team: Team, checked: dict, held: dict) -
     """This rank's share of the samples and spectra; fills ``checked`` (indices per shape) and ``held``."""
     if request.device == "cuda":
         torch.cuda.set_device(team.local_rank)  # "cuda" then means this rank's own GPU
-    files = load_real_samples(request.real, request.shapes) if request.real else {}
+    files = pipeline.real_files(request)
     plans = {key: pipeline.plan_samples(key, request, files.get(key, [])) for key in request.shapes}
     units = work_units(plans, request)
     owners = assign_owners([u.cost for u in units], team.world)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from calibrate import cli, pipeline
@@ -156,3 +157,49 @@ def test_default_command_is_calibrate():
     assert with_default_command(["harvest", "--shapes", "1x2"]) == ["harvest", "--shapes", "1x2"]
     assert with_default_command(["--help"]) == ["--help"]
     assert re.match(r"root-calibrate", cli._command_line())
+
+
+def test_model_weights_given_as_real_are_refused_with_how_to_mark_momentum(tmp_path):
+    checkpoint = tmp_path / "hf-checkpoint"
+    checkpoint.mkdir()
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": torch.randn(48, 16)}, str(checkpoint / "model.safetensors")
+    )
+    result = invoke([*TINY, "--real", str(checkpoint), "--out", str(tmp_path / "tables"), "--no-cache"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    expected = (
+        f"error: real momentum file {checkpoint / 'model.safetensors'} holds plain tensors not marked as"
+    )
+    assert len(lines) == 1 and lines[0].startswith(expected), result.output
+    assert lines[0].endswith(", or pass --real-is-momentum")
+    assert not (tmp_path / "tables").exists()
+
+
+def test_real_text_file_says_what_is_wrong(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("i\n" * 100)
+    result = invoke([*TINY, "--real", str(notes), "--out", str(tmp_path / "tables"), "--no-cache"])
+    assert result.exit_code == 1, result.output
+    message = f"error: cannot read real momentum file {notes}: not a safetensors or torch file (accepted: "
+    assert result.output.strip().splitlines() == [
+        message + "*.safetensors, or *.pt / *.pth / *.bin written by torch.save)"
+    ]
+
+
+def test_real_without_the_shape_warns_and_provenance_says_harvest(tmp_path):
+    other_shape = tmp_path / "momentum"
+    other_shape.mkdir()
+    save_file(
+        {"w": torch.randn(8, 8)}, str(other_shape / "m.safetensors"), metadata={"root_calibrate": "momentum"}
+    )
+    result = invoke([*TINY, "--real", str(other_shape), "--out", str(tmp_path), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    warning = (
+        "warning: --real held no 16x48 tensor(s); 2 of its real samples were harvested instead "
+        "(see provenance real_per_shape)"
+    )
+    assert warning in result.output.splitlines()
+    provenance = load_table(Path(result.output.strip().splitlines()[-1])).provenance
+    assert provenance["real_sources"] == ["harvest"]
+    assert provenance["real_per_shape"] == {"16x48": {"files": 0, "harvest": 2}}

@@ -18,7 +18,13 @@ from calibrate.sampling.mix import (
     split_counts,
     train_validation_split,
 )
-from calibrate.sampling.real import load_real_samples, validate_real_paths
+from calibrate.sampling.harvest import HARVEST_FORMAT
+from calibrate.sampling.real import (
+    HARVEST_FORMAT_PREFIX,
+    MOMENTUM_METADATA,
+    load_real_samples,
+    validate_real_paths,
+)
 from calibrate.sampling.synthetic import DEFAULT_MIX, FAMILIES, family_at, synthetic_sample, synthetic_samples
 
 SMALL = (16, 48)
@@ -234,7 +240,7 @@ def safetensors_file(tmp_path):
         "norm": torch.randn(48),
         "attn": torch.randn(8, 8),
     }
-    metadata = {"mlp.up.step40": harvest_meta(40), "corpus": "stdlib"}
+    metadata = {"mlp.up.step40": harvest_meta(40), "corpus": "stdlib", **MOMENTUM_METADATA}
     save_file(tensors, str(path), metadata=metadata)
     return path, tensors
 
@@ -248,12 +254,13 @@ def test_safetensors_matches_either_orientation_and_keeps_metadata(safetensors_f
     assert up.source == f"file:{path}:mlp.up.step40" and up.kind == "real"
     assert torch.equal(up.matrix, tensors["mlp.up.step40"].T)
     assert up.meta["step"] == 40 and up.meta["layer"] == "mlp.up" and up.meta["source"] == "harvest:stdlib"
-    assert up.meta["stored_shape"] == [48, 16] and up.meta["file_metadata"] == {"corpus": "stdlib"}
+    assert up.meta["stored_shape"] == [48, 16]
+    assert up.meta["file_metadata"] == {"corpus": "stdlib", **MOMENTUM_METADATA}
     assert down.source == f"file:{path}:mlp.down.step40" and "step" not in down.meta
 
 
 def test_torch_tensor_and_nested_dict(tmp_path):
-    tensor_path, dict_path = tmp_path / "one.pt", tmp_path / "many.pth"
+    tensor_path, dict_path = tmp_path / "one.momentum.pt", tmp_path / "many.momentum.pth"
     torch.save(torch.randn(16, 48), tensor_path)
     nested = {
         "layers": {"0": {"w": torch.randn(48, 16), "b": torch.randn(16)}},
@@ -269,7 +276,7 @@ def test_torch_tensor_and_nested_dict(tmp_path):
 
 
 def test_conv_weight_is_flattened(tmp_path):
-    path = tmp_path / "conv.pt"
+    path = tmp_path / "conv.momentum.pt"
     conv = torch.randn(16, 4, 3, 4)
     torch.save({"conv": conv}, path)
     (sample,) = load_real_samples([path], [(16, 48)])[(16, 48)]
@@ -318,24 +325,25 @@ def test_training_checkpoint_yields_momentum_not_weights(tmp_path):
 def test_folder_is_searched_recursively_in_sorted_order(tmp_path, safetensors_file):
     folder = tmp_path / "run"
     (folder / "sub").mkdir(parents=True)
-    torch.save(torch.randn(16, 48), folder / "b.pt")
-    torch.save(torch.randn(16, 48), folder / "sub" / "a.pt")
+    torch.save(torch.randn(16, 48), folder / "b.momentum.pt")
+    torch.save(torch.randn(16, 48), folder / "sub" / "a.momentum.pt")
     (folder / "notes.txt").write_text("not momentum")
     found = load_real_samples([folder], [(16, 48)])[(16, 48)]
-    assert [s.source for s in found] == [f"file:{folder / 'b.pt'}", f"file:{folder / 'sub' / 'a.pt'}"]
+    expected = [folder / "b.momentum.pt", folder / "sub" / "a.momentum.pt"]
+    assert [s.source for s in found] == [f"file:{path}" for path in expected]
 
 
 def test_non_finite_tensor_is_rejected_by_name(tmp_path):
     path = tmp_path / "bad.safetensors"
     bad = torch.randn(16, 48)
     bad[3, 4] = float("nan")
-    save_file({"good": torch.randn(16, 48), "layers.1.w": bad}, str(path))
+    save_file({"good": torch.randn(16, 48), "layers.1.w": bad}, str(path), metadata=MOMENTUM_METADATA)
     with raises(f"real momentum {path}:layers.1.w contains NaN or Inf"):
         load_real_samples([path], [(16, 48)])
 
 
 def test_non_finite_tensor_of_another_shape_is_ignored(tmp_path):
-    path = tmp_path / "other.pt"
+    path = tmp_path / "other.momentum.pt"
     torch.save({"w": torch.randn(16, 48), "other": torch.full((8, 8), float("inf"))}, path)
     assert len(load_real_samples([path], [(16, 48)])[(16, 48)]) == 1
 
@@ -361,6 +369,55 @@ def test_pickled_module_is_refused_with_the_reason(tmp_path):
     torch.save(torch.nn.Linear(48, 16), path)
     message = "only tensors and dicts of tensors can be loaded safely (Unsupported global: GLOBAL torch.nn"
     with raises(f"cannot read real momentum file {path}: {message}"):
+        load_real_samples([path], [(16, 48)])
+
+
+WEIGHTS_REFUSED = (
+    "holds plain tensors not marked as momentum (model weights look the same); mark momentum with "
+    'safetensors metadata {"root_calibrate": "momentum"}, a *.momentum.safetensors / *.momentum.pt name, '
+    "an optimizer state_dict (momentum_buffer / exp_avg) or a `root-calibrate harvest` file"
+)
+
+
+def test_model_weights_are_refused_with_the_ways_to_mark_momentum(tmp_path):
+    # A Hugging Face checkpoint folder: weights of exactly the model's shapes, named like layers.
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    weights = {"model.layers.0.mlp.up_proj.weight": torch.randn(48, 16)}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text("{}")
+    with raises(f"real momentum file {folder / 'model.safetensors'} {WEIGHTS_REFUSED}, or pass --flag"):
+        load_real_samples([folder], [(16, 48)], flag="--flag")
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    with raises(f"real momentum file {tmp_path / 'pytorch_model.bin'} {WEIGHTS_REFUSED}"):
+        load_real_samples([tmp_path / "pytorch_model.bin"], [(16, 48)])
+
+
+def test_each_momentum_mark_is_accepted(tmp_path):
+    tensors = {"w": torch.randn(16, 48)}
+    marked = tmp_path / "marked.safetensors"
+    save_file(tensors, str(marked), metadata=MOMENTUM_METADATA)
+    named = tmp_path / "step7.momentum.safetensors"
+    save_file(tensors, str(named))
+    unmarked = tmp_path / "plain.safetensors"
+    save_file(tensors, str(unmarked))
+    for path in (marked, named):
+        assert len(load_real_samples([path], [(16, 48)])[(16, 48)]) == 1
+    assert len(load_real_samples([unmarked], [(16, 48)], is_momentum=True)[(16, 48)]) == 1
+
+
+def test_harvest_files_are_momentum(tmp_path):
+    path = tmp_path / "recorded.safetensors"
+    save_file({"mlp.up.step4": torch.randn(16, 48)}, str(path), metadata={"format": HARVEST_FORMAT})
+    assert HARVEST_FORMAT.startswith(HARVEST_FORMAT_PREFIX)
+    assert len(load_real_samples([path], [(16, 48)])[(16, 48)]) == 1
+
+
+def test_a_text_file_is_named_as_not_a_tensor_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("i\n" * 200)  # "i" is byte 105: torch's unpickler used to report just "105"
+    message = "not a safetensors or torch file (accepted: *.safetensors, or *.pt / *.pth / *.bin written by"
+    with raises(f"cannot read real momentum file {path}: {message} torch.save)"):
         load_real_samples([path], [(16, 48)])
 
 

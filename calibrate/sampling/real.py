@@ -1,8 +1,16 @@
-"""Real momentum from user files: safetensors, torch tensors or (nested) dicts, optimizer checkpoints.
+"""Real momentum from user files: optimizer checkpoints, harvest files, tensors marked as momentum.
 
 Real momentum is what a Muon-family optimizer actually feeds Newton–Schulz, so it is the sample the fit
-most needs (DESIGN.md §1: raw momentum is nearly low-rank, unlike any noise model). Tensors are matched to
-the requested shapes by canonical (min, max) key, so a stored (11008, 4096) matrix serves 4096x11008.
+most needs (docs/design.md §1: raw momentum is nearly low-rank, unlike any noise model). Tensors are
+matched to the requested shapes by canonical (min, max) key, so a stored (11008, 4096) matrix serves
+4096x11008.
+
+A plain tensor cannot say whether it is momentum or a weight (a Hugging Face checkpoint holds weights of
+exactly the model's shapes), and fitting to weights silently gives wrong coefficients. So a file counts
+as momentum only when it says so: an optimizer state_dict (its ``momentum_buffer`` / ``exp_avg``), a
+``root-calibrate harvest`` file, a safetensors file with metadata ``{"root_calibrate": "momentum"}``, a
+file named ``*.momentum.<ext>``, or any file when the caller passes ``is_momentum=True``
+(``--real-is-momentum``). Any other file is refused, with the ways to mark it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,14 @@ LOADABLE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Optimizer-state keys that hold first-moment momentum: SGD/Muon's buffer and Adam's exp_avg. Adam's
 # exp_avg_sq is a second moment, not a direction, and is never a sample.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+# The marks that make plain tensors momentum (see the module docstring).
+MOMENTUM_METADATA = {"root_calibrate": "momentum"}
+MOMENTUM_NAME_SUFFIX = ".momentum"  # layers.momentum.safetensors, step100.momentum.pt
+# Metadata "format" of files the harvester writes (sampling/harvest.py HARVEST_FORMAT, repeated here
+# because harvest.py imports the training stack; tests/test_sampling.py checks the two agree).
+HARVEST_FORMAT_PREFIX = "root-calibrate-harvest/"
+# First bytes of what torch.save writes: a zip archive (torch ≥ 1.6) or a legacy pickle (protocol 2+).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 # How torch.load(weights_only=True) starts its message when the file holds more than tensors (or is junk).
 WEIGHTS_ONLY_FAILURE = "Weights only load failed"
 # Longest reason quoted from a loader's exception, so the error stays one line.
@@ -99,11 +115,37 @@ def _matrix_key(dims: Sequence[int]) -> Shape | None:
     return canonical_shape((dims[0], math.prod(dims[1:])))
 
 
-def _read_safetensors(path: Path, wanted: set[Shape]) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
+def _named_momentum(path: Path) -> bool:
+    return Path(path.stem).name.lower().endswith(MOMENTUM_NAME_SUFFIX)
+
+
+def _marked_momentum(metadata: Mapping[str, str]) -> bool:
+    marked = all(metadata.get(key) == value for key, value in MOMENTUM_METADATA.items())
+    return marked or str(metadata.get("format", "")).startswith(HARVEST_FORMAT_PREFIX)
+
+
+def not_momentum_error(path: Path, flag: str | None) -> CalibrationError:
+    """One line: why ``path`` is refused and every way to mark it as momentum."""
+    marks = (
+        'safetensors metadata {"root_calibrate": "momentum"}, a *.momentum.safetensors / *.momentum.pt '
+        "name, an optimizer state_dict (momentum_buffer / exp_avg) or a `root-calibrate harvest` file"
+    )
+    hint = f", or pass {flag}" if flag else ""
+    return CalibrationError(
+        f"real momentum file {path} holds plain tensors not marked as momentum (model weights look the "
+        f"same); mark momentum with {marks}{hint}"
+    )
+
+
+def _read_safetensors(
+    path: Path, wanted: set[Shape], is_momentum: bool, flag: str | None
+) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
+        if not (is_momentum or _named_momentum(path) or _marked_momentum(metadata)):
+            raise not_momentum_error(path, flag)
         keys = list(handle.keys())
         file_level = {k: v for k, v in metadata.items() if k not in keys}
         for key in keys:
@@ -160,14 +202,18 @@ def _walk(obj: object, prefix: str, plain: list, momentum: list) -> None:
             _walk(value, _join(prefix, index), plain, momentum)
 
 
-def _read_torch(path: Path) -> list[tuple[str, Tensor, dict[str, Any]]]:
+def _read_torch(path: Path, is_momentum: bool, flag: str | None) -> list[tuple[str, Tensor, dict[str, Any]]]:
     loaded = torch.load(path, weights_only=True, map_location="cpu")
     plain: list = []
     momentum: list = []
     _walk(loaded, "", plain, momentum)
     # A file holding an optimizer state is a training checkpoint: its other tensors are weights, not
     # momentum, and would match the same shapes.
-    return momentum if _contains_optimizer_state(loaded) else plain
+    if _contains_optimizer_state(loaded):
+        return momentum
+    if not (is_momentum or _named_momentum(path)):
+        raise not_momentum_error(path, flag)
+    return plain
 
 
 def _contains_optimizer_state(obj: object) -> bool:
@@ -180,12 +226,34 @@ def _contains_optimizer_state(obj: object) -> bool:
     return False
 
 
-def _read_file(path: Path, wanted: set[Shape]) -> list[tuple[str, Tensor, dict[str, Any]]]:
+def _file_kind(path: Path) -> str | None:
+    """"safetensors", "torch", or None when the first bytes are neither (a text file, say)."""
+    if path.suffix.lower() == ".safetensors":
+        return "safetensors"  # a damaged one gets the safetensors loader's own reason
+    with path.open("rb") as stream:
+        head = stream.read(9)
+    if head.startswith(TORCH_MAGIC):
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
+
+
+def _read_file(
+    path: Path, wanted: set[Shape], is_momentum: bool, flag: str | None
+) -> list[tuple[str, Tensor, dict[str, Any]]]:
     """(key, tensor, meta) for the candidate tensors in ``path``; a bare tensor has the key ""."""
     try:
-        if path.suffix.lower() == ".safetensors":
-            return list(_read_safetensors(path, wanted))
-        return _read_torch(path)
+        kind = _file_kind(path)
+        if kind is None:
+            raise CalibrationError(
+                f"cannot read real momentum file {path}: not a safetensors or torch file (accepted: "
+                "*.safetensors, or *.pt / *.pth / *.bin written by torch.save)"
+            )
+        if kind == "safetensors":
+            return list(_read_safetensors(path, wanted, is_momentum, flag))
+        return _read_torch(path, is_momentum, flag)
+    except CalibrationError:
+        raise
     except Exception as error:  # any loader failure is the user's file, reported in one line
         raise CalibrationError(f"cannot read real momentum file {path}: {_short_reason(error)}") from None
 
@@ -201,8 +269,10 @@ def _source(path: Path, key: str) -> str:
     return f"file:{path}:{key}" if key else f"file:{path}"
 
 
-def _samples_from_file(path: Path, wanted: set[Shape]) -> Iterator[tuple[Shape, Sample]]:
-    for key, tensor, extra in _read_file(path, wanted):
+def _samples_from_file(
+    path: Path, wanted: set[Shape], is_momentum: bool, flag: str | None
+) -> Iterator[tuple[Shape, Sample]]:
+    for key, tensor, extra in _read_file(path, wanted, is_momentum, flag):
         matrix = _as_matrix(tensor, wanted)
         if matrix is None:
             continue
@@ -237,9 +307,16 @@ def _canonical_shapes(shapes: Sequence[Sequence[int]]) -> list[Shape]:
 
 
 def load_real_samples(
-    paths: Sequence[PathLike], shapes: Sequence[Sequence[int]]
+    paths: Sequence[PathLike],
+    shapes: Sequence[Sequence[int]],
+    *,
+    is_momentum: bool = False,
+    flag: str | None = None,
 ) -> dict[Shape, list[Sample]]:
     """Real momentum samples per canonical shape, from files and folders (searched recursively).
+
+    A file not marked as momentum (module docstring) is refused unless ``is_momentum``; ``flag`` is the
+    command-line option the refusal names as the way to override it.
 
     Every requested shape is a key, with an empty list where no tensor matched. Sources read
     ``file:<path>:<tensor key>`` (nested dict keys joined by "."; an optimizer state's
@@ -250,6 +327,6 @@ def load_real_samples(
     keys = _canonical_shapes(shapes)
     found: dict[Shape, list[Sample]] = {key: [] for key in keys}
     for path in _files(paths):
-        for key, sample in _samples_from_file(path, set(keys)):
+        for key, sample in _samples_from_file(path, set(keys), is_momentum, flag):
             found[key].append(sample)
     return found
