@@ -46,8 +46,10 @@ except ImportError:  # root_core importable without the data package (e.g. an ol
     BUNDLED_TABLES_DIR = Path(__file__).resolve().parent.parent / "coeff_tables"
 
 SCHEMA_VERSION = 1
-# Extra table directories, searched before the bundled ones (os.pathsep-separated, like PATH).
+# Extra table directories, searched first (os.pathsep-separated, like PATH).
 TABLES_ENV = "ROOT_COEFF_TABLES"
+# The per-user table folder (see user_tables_dir): root-calibrate's default --out, always searched.
+USER_TABLES_ENV = "ROOT_COEFF_HOME"
 MISSING_POLICIES = ("default", "error", "nearest")
 # torch.optim.Muon's eps; the ROOT reference also normalises by ||X||_F + 1e-7.
 DEFAULT_EPS = 1e-7
@@ -658,26 +660,56 @@ def _read_file(path: Path) -> CoefficientTable:
     return CoefficientTable.from_dict(data, source=source)
 
 
+def user_tables_dir() -> Path:
+    """The per-user table folder: ``$ROOT_COEFF_HOME``, else ``$XDG_DATA_HOME/root-calibrate/tables``,
+    else ``~/.local/share/root-calibrate/tables``. ``root-calibrate`` writes there by default and
+    ``load_table`` always searches it, so a table just calibrated loads by name from any directory."""
+    if os.environ.get(USER_TABLES_ENV):
+        return Path(os.environ[USER_TABLES_ENV]).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec says to ignore a relative $XDG_DATA_HOME.
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"
+    return base / "root-calibrate" / "tables"
+
+
 def table_search_path() -> list[Path]:
-    """Directories searched for named tables: ``$ROOT_COEFF_TABLES`` entries, then the bundled tables."""
+    """Directories searched for named tables, in order: ``$ROOT_COEFF_TABLES`` entries, the user's
+    folder (``user_tables_dir``), the bundled tables."""
     extra = [Path(part).expanduser() for part in os.environ.get(TABLES_ENV, "").split(os.pathsep) if part]
-    return [*extra, BUNDLED_TABLES_DIR]
+    return [*extra, user_tables_dir(), BUNDLED_TABLES_DIR]
 
 
 def _index() -> dict[str, dict[int, Path]]:
-    """name -> version -> file; for a version in several directories, the first on the path wins."""
+    """name -> version -> file. A name belongs to the first directory on the search path that holds a
+    version of it, whatever the version numbers elsewhere: a user's "muon" hides the bundled "muon"
+    entirely, so ``name@N`` never means a different table depending on which folder has more versions."""
     index: dict[str, dict[int, Path]] = {}
     for directory in table_search_path():
         if not directory.is_dir():
             continue
+        found: dict[str, dict[int, Path]] = {}
         for folder in sorted(directory.iterdir()):
-            if not (_NAME.fullmatch(folder.name) and folder.is_dir()):
+            if folder.name in index or not (_NAME.fullmatch(folder.name) and folder.is_dir()):
                 continue
             for file in folder.iterdir():
                 match = _VERSION_FILE.fullmatch(file.name)
                 if match and file.is_file():
-                    index.setdefault(folder.name, {}).setdefault(int(match[1]), file)
+                    found.setdefault(folder.name, {})[int(match[1])] = file
+        index.update(found)
     return index
+
+
+def table_spec_for(path: str | os.PathLike) -> str:
+    """The ``table=`` string that loads the file at ``path``: ``name@N`` when the search path resolves
+    that name and version to this very file, else the file's absolute path."""
+    path = Path(path).resolve()
+    match = _VERSION_FILE.fullmatch(path.name)
+    if match:
+        name, version = path.parent.name, int(match[1])
+        found = _index().get(name, {}).get(version)
+        if found is not None and found.resolve() == path:
+            return f"{name}@{version}"
+    return str(path)
 
 
 def available_tables() -> dict[str, list[int]]:
@@ -718,8 +750,9 @@ def _load_named(spec: str) -> CoefficientTable:
 def load_table(spec: CoefficientTable | Mapping[str, Any] | str | os.PathLike) -> CoefficientTable:
     """Resolve a table: a loaded table (returned as is), a dict, a path, ``"name"`` or ``"name@N"``.
 
-    A name takes its highest version across the search path (``table_search_path``). A string is a path
-    when it ends in ``.json`` or contains a path separator.
+    A name is looked up on ``table_search_path``: the first directory holding the name owns it (a user
+    table hides a bundled one of the same name), and ``"name"`` takes its highest version there. A string
+    is a path when it ends in ``.json`` or contains a path separator.
     """
     if isinstance(spec, CoefficientTable):
         return spec

@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _private_table_home(tmp_path_factory, monkeypatch):
+    """Tests never read or write the developer's own table folder (root-calibrate's default --out):
+    each gets an empty one, and subprocesses inherit it through the environment."""
+    from root_core.tables import USER_TABLES_ENV
+
+    monkeypatch.setenv(USER_TABLES_ENV, str(tmp_path_factory.mktemp("table-home")))
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

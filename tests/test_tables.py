@@ -118,14 +118,19 @@ def test_available_tables_lists_the_bundled_ones():
 
 
 # ---- resolving a spec -------------------------------------------------------------------------------
-def test_name_takes_highest_version_across_the_search_path(tmp_path, monkeypatch):
+def test_name_belongs_to_the_first_directory_on_the_search_path_that_has_it(tmp_path, monkeypatch):
     newer = CoefficientTable.create(name="muon", version=2, default_rows=(3.0, -4.0, 2.0), created=CREATED)
     save_table(newer, tmp_path)
-    monkeypatch.setenv(TABLES_ENV, os.pathsep.join([str(tmp_path / "absent"), str(tmp_path)]))
-    assert load_table("muon").version == 2
+    save_table(CoefficientTable.create(name="muon", version=3, default_rows=MUON), tmp_path / "later")
+    monkeypatch.setenv(
+        TABLES_ENV, os.pathsep.join([str(tmp_path / "absent"), str(tmp_path), str(tmp_path / "later")])
+    )
+    assert load_table("muon").version == 2  # not 3: versions are never mixed across directories
     assert load_table("muon").default == ((3.0, -4.0, 2.0),)
-    assert load_table("muon@1").default == (MUON,)
-    assert available_tables()["muon"] == [1, 2]
+    with raises(TableNotFoundError, "table 'muon' has no version 1; available versions: 2"):
+        load_table("muon@1")
+    assert available_tables()["muon"] == [2]
+    assert load_table("classic").version == 1  # other names still come from the bundled folder
 
 
 def test_path_dict_and_table_specs(tmp_path):
