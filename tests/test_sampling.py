@@ -12,13 +12,13 @@ from safetensors.torch import save_file
 
 from calibrate.errors import CalibrationError
 from calibrate.sampling import Sample, synthetic
+from calibrate.sampling.harvest import HARVEST_FORMAT
 from calibrate.sampling.mix import (
     parse_ratio,
     reject_non_finite,
     split_counts,
     train_validation_split,
 )
-from calibrate.sampling.harvest import HARVEST_FORMAT
 from calibrate.sampling.real import (
     HARVEST_FORMAT_PREFIX,
     MOMENTUM_METADATA,
