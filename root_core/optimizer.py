@@ -31,7 +31,7 @@ from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
 from .schedule import Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
-from .tables import CoefficientTable, load_table
+from .tables import CoefficientTable, TableError, load_table
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,7 +48,12 @@ DEFAULT_ADAMW_EPS = 1e-8
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 MISSING_SHAPE_POLICIES = ("default", "error", "nearest")
 MAX_NS_STEPS = 100  # as torch.optim.Muon: more steps is a mistake, not a setting
-STATE_TABLE_KEY = "root_table"
+# Each param group names the table its state belongs to, as plain strings: torch.distributed.checkpoint's
+# get_optimizer_state_dict keeps param-group keys but drops any other top-level key of state_dict().
+GROUP_TABLE_KEY = "root_table"  # "name@version", for messages
+GROUP_TABLE_HASH_KEY = "root_table_hash"  # the table's coefficients_hash: what a resume checks
+# Where checkpoints written before the identity moved into the groups kept it (a dict: table.ref).
+LEGACY_STATE_TABLE_KEY = "root_table"
 
 
 class ROOT(torch.optim.Optimizer):
@@ -125,6 +130,7 @@ class ROOT(torch.optim.Optimizer):
             param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group.update(self._table_keys())
         _validate_group(group)
         for p in group["params"]:
             if _routes_to_root(group, p):
@@ -133,25 +139,24 @@ class ROOT(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("data_parallel", None)  # pickled before the setting existed
-        # Checkpoints written before a group key existed still load, with that key's default.
+        # Checkpoints written before a group key existed still load, with that key's default. The table
+        # keys name this optimizer's table: load_state_dict has checked that the saved one has its numbers.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            group.update(self._table_keys())
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state[STATE_TABLE_KEY] = dict(self.table.ref)
-        return state
+    def _table_keys(self) -> dict[str, str]:
+        return {
+            GROUP_TABLE_KEY: f"{self.table.name}@{self.table.version}",
+            GROUP_TABLE_HASH_KEY: self.table.coefficients_hash,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse state saved with other coefficients; the table's name, metrics and provenance may differ."""
         state_dict = dict(state_dict)
-        saved = state_dict.pop(STATE_TABLE_KEY, None)
-        if saved is not None and saved.get("content_hash") != self.table.ref["content_hash"]:
-            raise ValueError(
-                f"optimizer state was saved with table {_describe(saved)}, but this ROOT uses "
-                f'{_describe(self.table.ref)}; construct ROOT with table="{saved.get("name")}@'
-                f'{saved.get("version")}" to resume it'
-            )
+        legacy = state_dict.pop(LEGACY_STATE_TABLE_KEY, None)
+        check_table_identity(self.table, state_dict.get("param_groups", []), legacy)
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
@@ -274,6 +279,39 @@ class ROOT(torch.optim.Optimizer):
             warn_if_fragile(schedule, key[0], self.table.name, self.table.version)
             self._schedules[key] = schedule
         return self._schedules[key]
+
+
+def check_table_identity(table: CoefficientTable, saved_groups: list[dict[str, Any]], legacy: Any) -> None:
+    """Raise ValueError when saved param groups (or an old checkpoint's top-level ref) name a table whose
+    coefficients differ from ``table``'s; say which rows differ when the saved table can still be loaded."""
+    saved = {(g[GROUP_TABLE_KEY], g[GROUP_TABLE_HASH_KEY]) for g in saved_groups if GROUP_TABLE_HASH_KEY in g}
+    if not saved and isinstance(legacy, dict) and legacy.get("content_hash") != table.content_hash:
+        # Before coefficients_hash, checkpoints carried the content hash only; the named table, if it is
+        # still there with that content, tells its coefficients.
+        spec = f"{legacy.get('name')}@{legacy.get('version')}"
+        found = _saved_table(spec)
+        same_file = found is not None and found.content_hash == legacy.get("content_hash")
+        saved = {(spec, found.coefficients_hash if same_file else "unknown")}
+    for spec, coefficients_hash in sorted(saved):
+        if coefficients_hash == table.coefficients_hash:
+            continue
+        found = _saved_table(spec)
+        if found is not None and found.coefficients_hash == coefficients_hash:
+            what = "rows differ for " + ", ".join(table.rows_differing_from(found))
+        else:
+            what = f"the coefficients differ (no '{spec}' with those numbers on the search path to say where)"
+        raise ValueError(
+            f"optimizer state was saved with table '{spec}' ({coefficients_hash[:15]}…), but this ROOT uses "
+            f"'{table.name}@{table.version}' ({table.coefficients_hash[:15]}…): {what}; construct ROOT "
+            f'with table="{spec}" to resume it'
+        )
+
+
+def _saved_table(spec: str) -> CoefficientTable | None:
+    try:
+        return load_table(spec)
+    except (TableError, TypeError):
+        return None
 
 
 class FragileScheduleWarning(UserWarning):
@@ -419,6 +457,3 @@ def _dtype_from_name(name: str | None) -> torch.dtype | None:
     dtype = getattr(torch, name, None)
     return dtype if isinstance(dtype, torch.dtype) else None
 
-
-def _describe(ref: dict[str, Any]) -> str:
-    return f"'{ref.get('name')}@{ref.get('version')}' ({str(ref.get('content_hash'))[:19]}…)"
