@@ -14,12 +14,16 @@ matrices round-robin and all-gathers the results; microsoft/dion's Muon uses all
   the results back. Shards may be uneven or empty, as ``torch.chunk`` splits rows.
 
 Every rank must step the same parameters in the same order with the same set of gradients (DDP and FSDP2
-guarantee it), since each shape group is one collective.
+guarantee it), since each shape group is one collective. So replicated parameters are split only when
+asked (``data_parallel=True`` or a process group): several ranks alone do not make a DDP job — pipeline
+and tensor parallel ranks hold different parameters, and splitting those would hang or hand a rank
+another rank's matrices. DTensors say where they live, so they are always handled across their mesh.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "DataParallelWarning",
     "assign_owners",
     "check_data_parallel",
     "check_row_sharded",
@@ -65,33 +70,55 @@ def check_data_parallel(data_parallel: Any) -> None:
     if dist.is_available() and isinstance(data_parallel, dist.ProcessGroup):
         return
     raise ValueError(
-        f"data_parallel must be None (detect), True, False or a torch.distributed ProcessGroup, "
+        f"data_parallel must be None (unset), True, False or a torch.distributed ProcessGroup, "
         f"got {data_parallel!r}"
     )
+
+
+class DataParallelWarning(UserWarning):
+    """Several ranks, no ``data_parallel`` setting: each rank does all of its own NS work."""
+
+
+_hinted = False  # DataParallelWarning is said once per process, not once per step
 
 
 def resolve_data_parallel(data_parallel: Any) -> Any | None:
     """The process group that replicated parameters split NS across, or None to step alone.
 
-    None detects: the default group when torch.distributed is initialised with more than one rank.
-    False never splits (ranks holding different parameters, e.g. pipeline stages). True insists on an
-    initialised default group. A process group splits across that group.
+    True splits over the default group (which must be initialised), a process group over that group.
+    None (unset) and False never split; None in a job of several ranks warns once that DDP jobs can
+    pass True, because only the caller knows whether every rank holds the same parameters.
     """
     check_data_parallel(data_parallel)
+    if data_parallel is None:
+        _hint_data_parallel()
+        return None
     if data_parallel is False:
         return None
-    if isinstance(data_parallel, bool) or data_parallel is None:
+    if data_parallel is True:
         if not (dist.is_available() and dist.is_initialized()):
-            if data_parallel:
-                raise ValueError(
-                    "data_parallel=True needs torch.distributed initialised "
-                    "(torch.distributed.init_process_group) before the first step"
-                )
-            return None
+            raise ValueError(
+                "data_parallel=True needs torch.distributed initialised "
+                "(torch.distributed.init_process_group) before the first step"
+            )
         group = dist.group.WORLD
     else:
         group = data_parallel
     return group if dist.get_world_size(group) > 1 else None
+
+
+def _hint_data_parallel() -> None:
+    global _hinted
+    if _hinted or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    _hinted = True
+    warnings.warn(
+        f"ROOT runs on {dist.get_world_size()} ranks with data_parallel unset, so each rank orthogonalises "
+        "all of its own matrices; under DDP (every rank holds the same parameters) pass "
+        "data_parallel=True to split that work across ranks, else data_parallel=False to silence this",
+        DataParallelWarning,
+        stacklevel=4,
+    )
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

@@ -70,11 +70,11 @@ class ROOT(torch.optim.Optimizer):
         missing_shape: ``"default"``, ``"error"`` or ``"nearest"`` for shapes the table does not list.
         adamw_betas, adamw_eps: AdamW settings for groups with ``use_root=False`` and for parameters
             that are not matrices (a group's ``use_root=None`` decides per parameter by ``ndim``).
-        data_parallel: how plain (replicated, DDP) parameters share the NS work across ranks: ``None``
-            splits it over the default group when torch.distributed is initialised with several ranks,
-            ``False`` never splits (ranks holding different parameters), ``True`` insists on the default
-            group, a ``ProcessGroup`` splits over that group. FSDP2's DTensor parameters are always
-            handled across their mesh. See :mod:`root_core.distributed`.
+        data_parallel: whether plain (replicated, DDP) parameters share the NS work across ranks:
+            ``True`` splits it over the default group, a ``ProcessGroup`` over that group; ``None`` (the
+            default; warns once in a job of several ranks) and ``False`` never split, so each rank steps
+            its own parameters, as pipeline or tensor parallel ranks must. FSDP2's DTensor parameters are
+            always handled across their mesh. See :mod:`root_core.distributed`.
 
     Example::
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import root_core.optimizer
 from root_core import ROOT, root_param_groups
-from root_core.distributed import assign_owners, resolve_data_parallel, row_chunks
+from root_core.distributed import DataParallelWarning, assign_owners, resolve_data_parallel, row_chunks
 
 pytestmark = pytest.mark.filterwarnings("ignore::root_core.tables.MissingShapeWarning")
 
@@ -57,25 +59,27 @@ class Net(nn.Module):
         return self.single(torch.tanh(self.narrow(h)))
 
 
-def make_net() -> Net:
-    torch.manual_seed(0)
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
     return Net().double()
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(100 + step)
+def batch(step: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step + 1000 * seed)
     x = torch.randn(BATCH, 5, generator=generator, dtype=torch.float64)
     return x, torch.randn(BATCH, 1, generator=generator, dtype=torch.float64)
 
 
-def make_optimizer(model: nn.Module) -> ROOT:
-    return ROOT(root_param_groups(model, adamw_lr=0.01), **OPTIMIZER_SETTINGS)
+def make_optimizer(model: nn.Module, data_parallel: bool | None = None) -> ROOT:
+    return ROOT(root_param_groups(model, adamw_lr=0.01), data_parallel=data_parallel, **OPTIMIZER_SETTINGS)
 
 
-def train(model: nn.Module, optimizer: ROOT, steps: range, rank: int = 0, world: int = 1) -> None:
+def train(
+    model: nn.Module, optimizer: ROOT, steps: range, rank: int = 0, world: int = 1, seed: int = 0
+) -> None:
     """Each rank takes its contiguous slice of the batch; the mean loss makes the averaged grads equal."""
     for step in steps:
-        x, y = batch(step)
+        x, y = batch(step, seed)
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         loss = nn.functional.mse_loss(model(x[rows], skip=step == SKIP_STEP), y[rows])
         optimizer.zero_grad()
@@ -92,9 +96,9 @@ def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def single_process_run() -> dict[str, torch.Tensor]:
-    model = make_net()
-    train(model, make_optimizer(model), range(STEPS))
+def single_process_run(seed: int = 0) -> dict[str, torch.Tensor]:
+    model = make_net(seed)
+    train(model, make_optimizer(model), range(STEPS), seed=seed)
     return full_parameters(model)
 
 
@@ -112,7 +116,11 @@ def _worker(rank: int, scenario: str, out_dir: str) -> None:
             world_size=WORLD_SIZE,
             timeout=COLLECTIVE_TIMEOUT,
         )
-        results = _ddp_scenario(rank, out) if scenario == "ddp" else _fsdp_scenario(rank, out)
+        scenarios = {"ddp": _ddp_scenario, "fsdp": _fsdp_scenario, "independent": _independent_scenario}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataParallelWarning)
+            results = _count_splits(lambda: scenarios[scenario](rank, out))
+        results["hints"] = [str(w.message) for w in caught if w.category is DataParallelWarning]
         torch.save(results, out / f"rank{rank}.pt")
         dist.barrier()  # no rank tears down its connections while another still talks to it
     except BaseException:
@@ -123,22 +131,46 @@ def _worker(rank: int, scenario: str, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
+def _count_splits(scenario) -> dict[str, Any]:
+    """The scenario's results, and how often ROOT split replicated matrices across the ranks."""
+    calls = []
+    split = root_core.optimizer.orthogonalize_replicated
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return split(*args, **kwargs)
+
+    root_core.optimizer.orthogonalize_replicated = counted  # this spawned process only
+    try:
+        return {**scenario(), "splits": len(calls)}
+    finally:
+        root_core.optimizer.orthogonalize_replicated = split
+
+
 def _ddp_scenario(rank: int, out: Path) -> dict[str, Any]:
     def wrapped() -> nn.Module:
         return nn.parallel.DistributedDataParallel(make_net(), find_unused_parameters=True)
 
     model = wrapped()
-    train(model, make_optimizer(model), range(STEPS), rank, WORLD_SIZE)
+    train(model, make_optimizer(model, data_parallel=True), range(STEPS), rank, WORLD_SIZE)
     uninterrupted = full_parameters(model)
 
     model = wrapped()
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, data_parallel=True)
     train(model, optimizer, range(RESUME_AT), rank, WORLD_SIZE)
     torch.save(optimizer.state_dict(), out / f"optimizer{rank}.pt")
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, data_parallel=True)
     optimizer.load_state_dict(torch.load(out / f"optimizer{rank}.pt", weights_only=False))
     train(model, optimizer, range(RESUME_AT, STEPS), rank, WORLD_SIZE)
     return {"uninterrupted": uninterrupted, "resumed": full_parameters(model)}
+
+
+def _independent_scenario(rank: int, out: Path) -> dict[str, Any]:
+    """Ranks holding different parameters (as pipeline stages do), with the default data_parallel."""
+    model = make_net(seed=rank)
+    train(model, make_optimizer(model), range(STEPS), seed=rank)
+    train(model, make_optimizer(model), range(1), seed=rank)  # a second optimizer: no second warning
+    return {"own": full_parameters(model)}
 
 
 def _fsdp_scenario(rank: int, out: Path) -> dict[str, Any]:
@@ -240,11 +272,26 @@ def test_ddp_matches_single_process_and_resumes(tmp_path):
     reference = single_process_run()
     ranks = spawn_workers("ddp", tmp_path)
     for rank, result in enumerate(ranks):
+        assert result["splits"] > 0 and result["hints"] == []  # data_parallel=True: split, silently
         assert_matches(result["uninterrupted"], reference, f"rank {rank}")
         for name, tensor in result["uninterrupted"].items():
             # Every rank applies the owners' bits: replicas never drift apart.
             assert torch.equal(tensor, ranks[0]["uninterrupted"][name]), f"rank {rank} differs: {name}"
             assert torch.equal(result["resumed"][name], tensor), f"resumed run differs: {name}"
+
+
+@pytest.mark.slow
+def test_ranks_holding_different_parameters_step_alone_by_default(tmp_path):
+    """Several ranks are no proof of DDP: unless told, each rank steps its own matrices, never hanging."""
+    ranks = spawn_workers("independent", tmp_path)
+    for rank, result in enumerate(ranks):
+        model = make_net(seed=rank)
+        train(model, make_optimizer(model), range(STEPS), seed=rank)
+        train(model, make_optimizer(model), range(1), seed=rank)
+        assert_matches(result["own"], full_parameters(model), f"rank {rank}")
+        assert result["splits"] == 0
+        assert len(result["hints"]) == 1 and "pass data_parallel=True to split" in result["hints"][0]
+    assert not torch.equal(ranks[0]["own"]["first.weight"], ranks[1]["own"]["first.weight"])
 
 
 @pytest.mark.slow
@@ -257,6 +304,7 @@ def test_fsdp2_matches_single_process_resumes_and_keeps_state_sharded(tmp_path):
             for name, tensor in result["uninterrupted"].items():
                 assert torch.equal(result[f"resumed_{how}"][name], tensor), f"{how} resume differs: {name}"
         assert "(Shard(dim=0),) on a 1-D mesh" in result["bad_placement"], result["bad_placement"]
+        assert result["splits"] == 0 and result["hints"] == []  # DTensors: exchanged across their mesh
 
 
 def test_the_skipped_layer_really_skips_a_step():
@@ -298,5 +346,5 @@ def test_single_process_needs_no_process_group():
 
 
 def test_rejects_a_bad_data_parallel_setting():
-    with pytest.raises(ValueError, match=re.escape("data_parallel must be None (detect), True, False or")):
+    with pytest.raises(ValueError, match=re.escape("data_parallel must be None (unset), True, False or")):
         ROOT([nn.Parameter(torch.ones(2, 2))], data_parallel="yes")
