@@ -357,7 +357,7 @@ def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeRe
     cache = SpectrumCache(request.cache_dir / "spectra" if request.cache_dir else None)
     results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
     table = build_table(request, results)
-    return save_table(table, request.out), results
+    return save_table(table, request.out, on_clash="next"), results
 
 
 def real_files(request: CalibrationRequest) -> dict[ShapeKey, list[Sample]]:

@@ -198,7 +198,10 @@ def run(request: CalibrationRequest, stages: Stages, team: Team) -> tuple[Path, 
         shape_result(key, records[key], fits[key], _merge_checks(key, checked[key], errors), request)
         for key in request.shapes
     ]
-    path = team.from_leader(lambda: save_table(pipeline.build_table(request, results), request.out))
+    # on_clash="next": another run may have taken the version build_table picked while this one worked.
+    path = team.from_leader(
+        lambda: save_table(pipeline.build_table(request, results), request.out, on_clash="next")
+    )
     return path, results
 
 

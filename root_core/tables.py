@@ -24,6 +24,7 @@ The iteration runs on ``X = G / (scale * ||G||_F + eps)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -31,13 +32,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from root_core.files import write_atomically
 from root_core.schedule import DEFAULT_SCALE, Row, Schedule
 
 try:
@@ -777,42 +778,41 @@ def next_version(directory: str | os.PathLike, name: str) -> int:
     return max(found, default=0) + 1
 
 
-def save_table(table: CoefficientTable, directory: str | os.PathLike) -> Path:
+def save_table(table: CoefficientTable, directory: str | os.PathLike, *, on_clash: str = "error") -> Path:
     """Write ``directory/<name>/v<version>.json`` atomically and return its path.
 
-    Versions are immutable: an existing file is never overwritten (``TableError``; see ``next_version``).
-    The file is written to a temporary name in the same folder, fsynced and renamed into place, so a
-    reader sees either nothing or the whole table, and a failed save leaves no file behind. Two writers
-    racing for the same new version can still both pass the existence check; the last rename wins.
+    Versions are immutable: an existing file is never replaced, even by two writers finishing together
+    (``write_atomically(exclusive=True)`` links the finished file into place, which fails if the name is
+    taken). If ``v<version>.json`` exists, ``on_clash="error"`` raises ``TableError`` and ``"next"``
+    saves the table as the next free version instead (calibration runs, which pick a version before an
+    hour of work, use it). A reader sees nothing or the whole table, and a failed save leaves no file.
     """
     if not isinstance(table, CoefficientTable):
         raise TypeError(f"save_table expects a CoefficientTable, got {type(table).__name__}")
+    if on_clash not in ("error", "next"):
+        raise ValueError(f"on_clash must be 'error' or 'next', got {on_clash!r}")
     folder = Path(directory) / table.name
-    target = folder / f"v{table.version}.json"
-    if target.exists():
-        raise TableError(
-            f"{target}: version {table.version} of {table.name!r} already exists and versions "
-            f"are never overwritten; save as version {next_version(directory, table.name)}",
-            source=str(target),
-        )
     made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(_pretty_json(table.to_dict()) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, target)
+        while True:
+            target = folder / f"v{table.version}.json"
+            try:
+                return write_atomically(target, _pretty_json(table.to_dict()) + "\n", exclusive=True)
+            except FileExistsError:
+                if on_clash == "error":
+                    raise TableError(
+                        f"{target}: version {table.version} of {table.name!r} already exists and versions "
+                        f"are never overwritten; save as version {next_version(directory, table.name)}",
+                        source=str(target),
+                    ) from None
+            free = max(table.version + 1, next_version(directory, table.name))
+            table = dataclasses.replace(table, version=free)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
         if made_folder:
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                folder.rmdir()  # only if still empty
         raise
-    _fsync_directory(folder)
-    return target
 
 
 def _pretty_json(value: Any, depth: int = 0) -> str:
@@ -828,13 +828,3 @@ def _pretty_json(value: Any, depth: int = 0) -> str:
     if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
         return "[\n" + ",\n".join(inner + _pretty_json(item, depth + 1) for item in value) + "\n" + pad + "]"
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
-
-
-def _fsync_directory(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (and not needed) on Windows.
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)

@@ -398,7 +398,7 @@ def test_save_round_trip_and_versions(tmp_path):
     assert load_table(path) == table  # untouched
 
 
-@pytest.mark.parametrize("fail", ["fsync", "replace"])
+@pytest.mark.parametrize("fail", ["fsync", "link"])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, fail):
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -416,7 +416,7 @@ def test_failed_save_into_existing_folder_keeps_other_versions(tmp_path, monkeyp
     def refuse(*args):
         raise OSError("nope")
 
-    monkeypatch.setattr(tables_module.os, "replace", refuse)
+    monkeypatch.setattr(tables_module.os, "link", refuse)
     with pytest.raises(OSError):
         save_table(CoefficientTable.from_dict(small_table(version=2)), tmp_path)
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["v1.json"]
