@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..corpus import load_corpus
+from ..determinism import deterministic
 from ..errors import CalibrationError
 from .base import Sample
 
@@ -329,6 +330,7 @@ class HarvestRun:
         return updates
 
 
+@deterministic  # bit-identical samples at any thread count or CPU load (calibrate/determinism.py)
 def run_harvest(
     shape: tuple[int, int],
     count: int,
