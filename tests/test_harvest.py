@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from typer.testing import CliRunner
 
 from calibrate import corpus as corpus_module
+from calibrate.cli import app
 from calibrate.corpus import default_corpus_files, load_corpus, split_corpus
 from calibrate.errors import CalibrationError
 from calibrate.sampling import harvest as harvest_module
@@ -18,15 +21,20 @@ from calibrate.sampling.harvest import (
     HARVEST_FORMAT,
     MUON_MOMENTUM,
     HarvestRun,
+    HarvestSettings,
     harvest,
+    harvest_key,
+    harvest_run_steps,
     load_harvest,
     nesterov_update,
-    record_schedule,
+    phase_steps,
+    record_plan,
     resolve_steps,
     resolve_trainer,
     run_harvest,
     save_harvest,
 )
+from calibrate.sampling.probes import DEFAULT_PROBES, OPTIMIZERS, ProbeModel, parse_probes, target_layers
 
 SHAPE = (32, 96)
 STEPS = 12  # 3 warm-up steps + a few recorded: enough for every check except learning
@@ -56,22 +64,32 @@ def test_samples_have_the_requested_canonical_shape(text_file, shape):
 
 
 @pytest.mark.parametrize("count", [1, 2, 5])
-def test_count_is_honoured_two_layers_per_recorded_step(text_file, count):
+def test_count_is_honoured_in_plan_order(text_file, count):
     samples = _run(text_file, count=count).samples
     assert len(samples) == count
-    steps = [s.meta["step"] for s in samples]
-    assert steps == sorted(steps) and steps[-1] <= STEPS
-    assert [s.meta["layer"] for s in samples[:2]] == ["mlp.up", "mlp.down"][: len(samples[:2])]
+    plan = record_plan(SHAPE, STEPS, count)
+    assert [(s.meta["probe"], s.meta["phase"], s.meta["step"], s.meta["layer"]) for s in samples] == [
+        (r.probe, r.phase, r.step, r.layer) for r in plan
+    ]
 
 
 def test_sources_and_meta(text_file):
-    sample = _run(text_file, count=1, seed=7).samples[0]
+    first, second = _run(text_file, count=2, seed=7).samples
     corpus = str(text_file.resolve())
-    assert sample.source == f"harvest:{corpus}:mlp.up:step{STEPS}"
-    meta = sample.meta
-    assert meta["shape"] == list(SHAPE) and meta["step"] == STEPS and meta["layer"] == "mlp.up"
+    early = phase_steps(STEPS)["early"]
+    assert first.source == f"harvest:{corpus}:llama-muon:mlp.up:step{early}"
+    assert second.source == f"harvest:{corpus}:gpt-adamw:mlp.down:step{STEPS}"
+    meta = first.meta
+    assert meta["shape"] == list(SHAPE) and meta["step"] == early and meta["layer"] == "mlp.up"
     assert meta["corpus"] == corpus and meta["seed"] == 7 and meta["momentum"] == MUON_MOMENTUM
-    assert meta["loss"] > 0 and meta["lr"] > 0
+    assert meta["loss"] > 0 and meta["lr"] > 0 and meta["run_steps"] == STEPS
+    assert (meta["phase"], meta["family"], meta["optimizer"], meta["state"]) == (
+        "early",
+        "llama",
+        "muon",
+        "momentum_buffer",
+    )
+    assert (second.meta["phase"], second.meta["family"], second.meta["state"]) == ("late", "gpt", "exp_avg")
 
 
 def test_same_seed_gives_identical_matrices_and_another_seed_does_not(text_file):
@@ -89,22 +107,62 @@ def test_harvest_does_not_disturb_the_global_random_state(text_file):
 
 
 def test_loss_decreases(text_file):
-    losses = _run(text_file, count=1, steps=60).losses
-    assert len(losses) == 60
+    result = _run(text_file, count=2, steps=60)
+    assert list(result.losses) == ["llama-muon", "gpt-adamw"]
+    losses = result.losses["gpt-adamw"]  # the late snapshot's run: the whole 60 steps
+    assert len(losses) == 60 and len(result.losses["llama-muon"]) == phase_steps(60)["early"]
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.6 * start, (start, end)
 
 
 def test_recorded_matrix_is_the_nesterov_update_muon_orthogonalises(text_file):
     run = HarvestRun(SHAPE, TEXT, seed=0, tokens_per_step=TOKENS)
+    assert isinstance(run.optimizers[0], torch.optim.Muon)  # the real one, not a stand-in
+    buffers = {}
     for _ in range(3):
         run.step()
-    _, updates = run.step(record=True)
-    # After the step, Muon's buffer is buf.lerp(g, 1-μ) and p.grad is still this step's gradient,
-    # so torch.optim.Muon's own Nesterov form can be rebuilt from its state.
     for name, param in run.targets.items():
-        expected = param.grad.lerp(run.muon.state[param]["momentum_buffer"], MUON_MOMENTUM)
-        torch.testing.assert_close(updates[name], expected, rtol=0, atol=0)
+        buffers[name] = run.optimizers[0].state[param]["momentum_buffer"].clone()
+    _, updates = run.step(record=list(run.targets))
+    # p.grad is still this step's gradient, so torch.optim.Muon's own Nesterov form can be rebuilt
+    # from the buffer before the step.
+    for name, param in run.targets.items():
+        expected = nesterov_update(param.grad, buffers[name], MUON_MOMENTUM)
+        torch.testing.assert_close(updates[name], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_muon_without_nesterov_records_the_buffer_and_adamw_its_exp_avg():
+    plain = HarvestRun(SHAPE, TEXT, seed=0, probe="postln-muon-plain", tokens_per_step=TOKENS)
+    adamw = HarvestRun(SHAPE, TEXT, seed=0, probe="gpt-adamw", tokens_per_step=TOKENS)
+    assert isinstance(adamw.optimizers[0], torch.optim.AdamW) and len(adamw.optimizers) == 1
+    for run, key in ((plain, "momentum_buffer"), (adamw, "exp_avg")):
+        run.step()
+        _, recorded = run.step(record=["mlp.up"])
+        state = run.optimizers[0].state[run.targets["mlp.up"]][key]
+        assert torch.equal(recorded["mlp.up"], state) and recorded["mlp.up"] is not state
+    assert plain.optimizers[0].param_groups[0]["nesterov"] is False
+    assert adamw.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt", "postln"])
+@pytest.mark.parametrize("shape", [(32, 96), (24, 24), (16, 64)])
+def test_every_family_holds_the_target_shape_as_real_layers(family, shape):
+    model = ProbeModel(family, shape)
+    layers = target_layers(family, shape)
+    matrices = model.hidden_matrices()
+    assert layers and layers[:2] == ("mlp.up", "mlp.down")
+    assert all(tuple(sorted(matrices[name].shape)) == shape for name in layers)
+    assert model(torch.randint(0, 256, (2, 64))).shape == (2, 64, 256)
+
+
+def test_family_layouts():
+    # GPT's fused QKV is (3d)×d: at (a, 3a) it is a target too; LLaMA has separate q/k/v and a gate.
+    assert "attn.qkv" in target_layers("gpt", (32, 96)) and "attn.qkv" not in target_layers("gpt", (32, 128))
+    assert target_layers("llama", (32, 128)) == ("mlp.up", "mlp.down", "mlp.gate")
+    assert {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(target_layers("llama", (24, 24)))
+    # Grouped-query attention in the held-out family: k and v narrower than q.
+    matrices = ProbeModel("postln", (128, 128)).hidden_matrices()
+    assert matrices["attn.k"].shape[0] == matrices["attn.q"].shape[0] // 4
 
 
 def test_nesterov_update_leaves_the_buffer_alone():
@@ -118,33 +176,129 @@ def test_nesterov_update_leaves_the_buffer_alone():
 
 def test_progress_advances_once_per_step(text_file):
     ticks: list[int] = []
-    _run(text_file, count=1, progress=ticks.append)
-    assert ticks == [1] * STEPS
+    _run(text_file, count=3, progress=ticks.append)
+    steps = phase_steps(STEPS)
+    assert ticks == [1] * harvest_run_steps(SHAPE, 3, STEPS) == [1] * (steps["early"] + STEPS + steps["mid"])
 
 
 def test_default_stdlib_corpus():
     samples = harvest((8, 16), 2, seed=0, steps=8)
-    assert [s.source for s in samples] == ["harvest:stdlib:mlp.up:step8", "harvest:stdlib:mlp.down:step8"]
+    assert [s.source for s in samples] == [
+        "harvest:stdlib:llama-muon:mlp.up:step3",
+        "harvest:stdlib:gpt-adamw:mlp.down:step8",
+    ]
 
 
 def test_default_steps():
     assert resolve_steps(SHAPE, 4) == harvest_module.MAX_DEFAULT_STEPS
     # Muon's NS on a 4096×11008 update costs about a minute per step on 2 CPU cores: with Muon only the
-    # floor would fit, so "auto" trains with the normalised twin and fits ~27 steps in the budget.
-    assert resolve_steps((4096, 11008), 4, trainer="muon") == harvest_module.MIN_WARMUP_STEPS + 2
+    # floor would fit, so "auto" trains with the normalised twin and fits ~12 steps in the budget
+    # (4 runs: to the early step twice, to the middle and to the last).
+    assert resolve_steps((4096, 11008), 4, trainer="muon") == harvest_module.MIN_HARVEST_STEPS
     assert resolve_trainer((4096, 11008)) == "nesterov" and resolve_trainer((64, 256)) == "muon"
-    assert resolve_steps((4096, 11008), 4) >= 20
+    assert resolve_steps((4096, 11008), 4) >= 10
     assert resolve_steps((4096, 11008), 4, device="cuda") == harvest_module.MAX_DEFAULT_STEPS
     assert resolve_trainer((4096, 11008), device="cuda") == "muon"
-    assert record_schedule(100, 6) == [51, 75, 100]
+
+
+def test_phase_steps():
+    assert phase_steps(300) == {"early": 6, "mid": 150, "late": 300}
+    assert phase_steps(12) == {"early": 3, "mid": 6, "late": 12}
+    assert phase_steps(5) == {"early": 3, "mid": 4, "late": 5}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6, 12])
+def test_default_mix_covers_phases_families_and_optimizers(count):
+    plan = record_plan((64, 256), 300, count)
+    phases = {r.phase for r in plan}
+    families = {r.probe.split("-")[0] for r in plan}
+    optimizers = {r.probe.split("-")[1] for r in plan}
+    # 1 sample: early; 2: early + late, both families, both optimizers; 3 or more: every phase.
+    assert phases == (
+        {"early"} if count == 1 else {"early", "late"} if count == 2 else {"early", "mid", "late"}
+    )
+    if count >= 2:
+        assert families == {"llama", "gpt"} and optimizers == {"muon", "adamw"}
+    if count == 12:
+        assert len({(r.probe, r.phase) for r in plan}) == 12
+    assert len({(r.probe, r.step, r.layer) for r in plan}) == count  # no matrix recorded twice
+
+
+def test_repeated_probe_and_phase_take_other_layers_then_earlier_steps():
+    plan = record_plan((64, 256), 300, 10, ["gpt-muon"])
+    late = [(r.step, r.layer) for r in plan if r.phase == "late"]
+    assert late == [(300, "mlp.down"), (300, "mlp.up"), (299, "mlp.down")]
+
+
+def test_unknown_probe_is_named():
+    message = "invalid harvest probe 'llama-sgd': expected FAMILY-OPTIMIZER with a family of llama, gpt"
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        parse_probes("llama-muon,llama-sgd")
+    assert parse_probes(None) == DEFAULT_PROBES and parse_probes(" gpt-muon ") == ("gpt-muon",)
+
+
+def _key(**changes) -> str:
+    arguments = {"shape": (32, 96), "count": 4, "seed": 0, "corpus_bytes": b"text", "device": "cpu"}
+    settings = HarvestSettings(steps=12, probes=DEFAULT_PROBES, trainer="muon")
+    settings_fields = {k: changes.pop(k) for k in list(changes) if hasattr(settings, k)}
+    settings = HarvestSettings(**{**settings.__dict__, **settings_fields})
+    return harvest_key(**{**arguments, **changes}, settings=settings)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"shape": (32, 128)},
+        {"count": 5},
+        {"seed": 1},
+        {"corpus_bytes": b"other"},
+        {"device": "cuda"},
+        {"steps": 13},
+        {"probes": ("gpt-muon", "llama-adamw")},
+        {"trainer": "nesterov"},
+        {"ns_steps": 5},
+        {"tokens_per_step": 256},
+    ],
+)
+def test_cache_key_covers_every_setting(change):
+    assert _key(**change) != _key()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EARLY_FRACTION", 0.05),
+        ("MID_FRACTION", 0.6),
+        ("MIN_EARLY_STEP", 2),
+        ("ADAMW_LR", 1e-3),
+        ("HEAD_LR_WIDTH", 512),
+    ],
+)
+def test_cache_key_covers_phases_and_learning_rates(monkeypatch, name, value):
+    before = _key()
+    monkeypatch.setattr(harvest_module, name, value)
+    assert _key() != before
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum", "nesterov", "beta2", "weight_decay"])
+def test_cache_key_covers_optimizer_settings(monkeypatch, field):
+    before = _key()
+    config = OPTIMIZERS["muon"]
+    value = not config.nesterov if field == "nesterov" else getattr(config, field) + 0.01
+    monkeypatch.setitem(OPTIMIZERS, "muon", dataclasses.replace(config, **{field: value}))
+    assert _key() != before
 
 
 def test_normalised_trainer_records_the_same_momentum_form_and_learns(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    result = run_harvest((16, 48), 2, seed=0, corpus=corpus, steps=30, trainer="nesterov")
-    assert [s.meta["trainer"] for s in result.samples] == ["nesterov", "nesterov"]
-    assert result.losses[-1] < 0.8 * result.losses[0]
+    result = run_harvest((16, 48), 1, seed=0, corpus=corpus, steps=30, trainer="nesterov", probes="gpt-muon")
+    assert [s.meta["trainer"] for s in result.samples] == ["nesterov"]
+    run = HarvestRun((16, 48), b"x" * 100, seed=0, probe="gpt-muon", trainer="nesterov")
+    assert not isinstance(run.optimizers[0], torch.optim.Muon)
+    result = run_harvest((16, 48), 2, seed=0, corpus=corpus, steps=30, trainer="nesterov", probes="gpt-muon")
+    losses = result.losses["gpt-muon"]
+    assert losses[-1] < 0.8 * losses[0]
 
 
 def test_unknown_trainer_is_named():
@@ -176,9 +330,9 @@ def test_invalid_count(count):
 
 
 def test_too_few_steps_for_the_count(text_file):
-    message = "harvest steps 5 are too few for 6 samples: need at least 6 (3 warm-up + 3 recorded)"
+    message = "harvest steps 4 are too few: need at least 5 (distinct early, middle and late snapshots)"
     with pytest.raises(CalibrationError, match=re.escape(message)):
-        harvest(SHAPE, 6, seed=0, corpus=text_file, steps=5)
+        harvest(SHAPE, 6, seed=0, corpus=text_file, steps=4)
 
 
 def test_missing_corpus_is_named(tmp_path):
@@ -244,8 +398,8 @@ def test_save_and_load_round_trip(text_file, tmp_path):
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == HARVEST_FORMAT
-    entry = json.loads(metadata[f"mlp.up.step{samples[0].meta['step']}"])
-    assert {"shape", "step", "layer", "source", "corpus", "seed"} <= entry.keys()
+    entry = json.loads(metadata[f"llama-muon.mlp.up.step{samples[0].meta['step']}"])
+    assert {"shape", "step", "layer", "source", "corpus", "seed", "phase", "probe"} <= entry.keys()
 
 
 def test_save_keeps_duplicate_layer_steps_apart(text_file, tmp_path):
@@ -283,3 +437,21 @@ def test_load_rejects_other_files(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(CalibrationError, match=re.escape(f"cannot read harvest file {str(junk)!r}")):
         load_harvest(junk)
+
+
+def test_cli_probes_option_reaches_the_harvest(tmp_path):
+    out = tmp_path / "h.safetensors"
+    args = ["harvest", "--shapes", "8x16", "--count", "2", "--steps", "6", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--probes", "gpt-muon,postln-adamw"])
+    assert result.exit_code == 0, result.output
+    assert [s.meta["probe"] for s in load_harvest(out)] == ["gpt-muon", "postln-adamw"]
+
+
+@pytest.mark.parametrize("command", [["harvest", "--out", "h.safetensors"], ["calibrate", "--out", "t"]])
+def test_cli_rejects_an_unknown_probe_in_one_line(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--shapes", "8x16", "--probes", "gpt-sgd", "--quiet"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid harvest probe 'gpt-sgd'")
+    assert list(tmp_path.iterdir()) == []
