@@ -7,6 +7,7 @@ have been checked, and the table is written once, atomically, at the very end.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -297,15 +298,24 @@ def default_cache_dir() -> Path:
 
 
 def resolve_device(device: str) -> str:
+    """--device as this process computes on it: under torchrun, the rank's own GPU (ranks.rank_device)."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise CalibrationError(f"invalid --device '{device}': expected auto, cpu, cuda or cuda:N")
+    place = ranks.launch()
+    resolved = ranks.rank_device(device, place)
+    if resolved.startswith("cuda"):
+        if not torch.cuda.is_available():
             raise CalibrationError(f"invalid --device '{device}': CUDA is not available on this machine")
-        return device
-    raise CalibrationError(f"invalid --device '{device}': expected auto, cpu or cuda")
+        if place.world > 1 and place.local_rank >= torch.cuda.device_count():
+            raise CalibrationError(
+                f"invalid --device '{device}': LOCAL_RANK {place.local_rank} has no GPU of its own, this "
+                f"machine has {torch.cuda.device_count()}; start at most that many ranks per node"
+            )
+    return resolved
 
 
 def fallback_warnings(request: CalibrationRequest, results: list[ShapeResult]) -> list[str]:

@@ -18,6 +18,7 @@ import calibrate
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, load_table, next_version, save_table
 
+from .determinism import deterministic
 from .errors import CalibrationError
 from .evaluate import matrix_errors
 from .fit import FitResult, FitSettings, check_storage, fit
@@ -200,6 +201,7 @@ def sample_spectrum(sample: Sample, request: CalibrationRequest, cache: Spectrum
     return cache.spectrum(sample.matrix, clip_quantile=request.clip_quantile, device=request.device)
 
 
+@deterministic  # the search's reductions depend on the thread count (calibrate/determinism.py)
 def fit_shape(key: ShapeKey, spectra: list[Tensor], request: CalibrationRequest, stages: Stages) -> FitResult:
     with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
         fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
@@ -357,7 +359,7 @@ def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeRe
     cache = SpectrumCache(request.cache_dir / "spectra" if request.cache_dir else None)
     results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
     table = build_table(request, results)
-    return save_table(table, request.out, on_clash="next"), results
+    return save_table(table, request.out), results
 
 
 def real_files(request: CalibrationRequest) -> dict[ShapeKey, list[Sample]]:

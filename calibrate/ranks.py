@@ -16,7 +16,7 @@ table equals a single-process run's. Every rank runs the same phases, each endin
 A failure on any rank travels with the gathered results, so every rank raises at the same collective
 and none waits for a peer that will never come; rank 0 prints it. The group is gloo whatever --device
 is: the collectives carry small CPU objects (spectra, errors); with --device cuda each rank computes on
-cuda:LOCAL_RANK.
+cuda:LOCAL_RANK, and --device cuda:N is refused (``rank_device``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -71,9 +71,10 @@ class Launch:
         return self.rank == 0
 
 
-def launch() -> Launch:
-    """Read torchrun's RANK, WORLD_SIZE and LOCAL_RANK; a single process when they are absent."""
-    env = os.environ
+def launch(env: Mapping[str, str] | None = None) -> Launch:
+    """Read torchrun's RANK, WORLD_SIZE and LOCAL_RANK (from ``env``, default the process's environment);
+    a single process when they are absent."""
+    env = os.environ if env is None else env
     if "WORLD_SIZE" not in env or "RANK" not in env:
         return Launch()
     try:
@@ -82,6 +83,22 @@ def launch() -> Launch:
         raise CalibrationError(
             f"bad torchrun environment: RANK={env['RANK']!r} WORLD_SIZE={env['WORLD_SIZE']!r}"
         ) from None
+
+
+def rank_device(device: str, place: Launch) -> str:
+    """The device this rank computes on, for a --device already read as cpu, cuda or cuda:N.
+
+    Under torchrun each rank has its own GPU, so "cuda" means cuda:LOCAL_RANK. "cuda:N" would put every
+    rank of the node on GPU N (or pick one per rank by a rule nobody wrote down), so it is refused.
+    """
+    if place.world <= 1 or not device.startswith("cuda"):
+        return device
+    if device != "cuda":
+        raise CalibrationError(
+            f"invalid --device '{device}' under torchrun ({place.world} ranks): each rank computes on its "
+            "own GPU, cuda:LOCAL_RANK; pass --device cuda"
+        )
+    return f"cuda:{place.local_rank}"
 
 
 @dataclass(frozen=True)
@@ -207,8 +224,8 @@ def run(request: CalibrationRequest, stages: Stages, team: Team) -> tuple[Path, 
 
 def make_share(request, stages: Stages, team: Team, checked: dict, held: dict) -> list[SampleRecord]:
     """This rank's share of the samples and spectra; fills ``checked`` (indices per shape) and ``held``."""
-    if request.device == "cuda":
-        torch.cuda.set_device(team.local_rank)  # "cuda" then means this rank's own GPU
+    if request.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(request.device))  # so a bare "cuda" anywhere means it too
     files = pipeline.real_files(request)
     plans = {key: pipeline.plan_samples(key, request, files.get(key, [])) for key in request.shapes}
     units = work_units(plans, request)

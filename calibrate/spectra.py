@@ -18,8 +18,11 @@ from torch import Tensor
 
 from root_core.outliers import clip_to_quantile
 
+from .determinism import deterministic
+
 # Bump when the computation below changes, so stale cache entries are never read back.
-SPECTRUM_METHOD = "gram-eigvalsh-float64/1"
+# /2: computed on one thread (calibrate/determinism.py), so /1 entries may differ in the last bit.
+SPECTRUM_METHOD = "gram-eigvalsh-float64/2"
 
 
 def clipped(matrix: Tensor, clip_quantile: float | None, device: torch.device | str = "cpu") -> Tensor:
@@ -28,6 +31,7 @@ def clipped(matrix: Tensor, clip_quantile: float | None, device: torch.device | 
     return matrix if clip_quantile is None else clip_to_quantile(matrix, clip_quantile)
 
 
+@deterministic  # eigvalsh's result depends on the thread count (calibrate/determinism.py)
 def normalized_spectrum(matrix: Tensor, *, clip_quantile: float | None, device="cpu") -> Tensor:
     """σ_i / ‖B‖_F of B = clip(matrix), float64 on the CPU, descending.
 

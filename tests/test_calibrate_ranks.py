@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -12,11 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
 from calibrate import pipeline, ranks
-from calibrate.cli import app, with_default_command
+from calibrate.cli import app, resolve_device, with_default_command
 from calibrate.errors import CalibrationError
 from calibrate.sampling.synthetic import synthetic_samples
 from root_core.distributed import assign_owners
@@ -95,6 +98,71 @@ def test_outside_torchrun_one_process_is_the_whole_team(monkeypatch):
     assert ranks.launch() == ranks.Launch(rank=1, world=2, local_rank=0)
 
 
+TORCHRUN_RANK_1 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+CUDA_N_REFUSED = (
+    "invalid --device 'cuda:0' under torchrun (2 ranks): each rank computes on its own GPU, "
+    "cuda:LOCAL_RANK; pass --device cuda"
+)
+
+
+@pytest.mark.parametrize(
+    ("device", "env", "expected"),
+    [
+        ("cuda", TORCHRUN_RANK_1, "cuda:1"),
+        (
+            "cuda",
+            {**TORCHRUN_RANK_1, "LOCAL_RANK": "0", "RANK": "3", "WORLD_SIZE": "4"},
+            "cuda:0",
+        ),  # 2nd node
+        ("cpu", TORCHRUN_RANK_1, "cpu"),
+        ("cuda", {}, "cuda"),  # one process: as given
+        ("cuda:3", {}, "cuda:3"),
+        ("cuda:0", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "cuda:0"),  # torchrun, one rank
+    ],
+)
+def test_rank_device_gives_each_torchrun_rank_its_own_gpu(device, env, expected):
+    assert ranks.rank_device(device, ranks.launch(env)) == expected
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_rank_device_refuses_a_fixed_gpu_under_torchrun(device):
+    with pytest.raises(CalibrationError, match=re.escape(CUDA_N_REFUSED.replace("cuda:0", device))):
+        ranks.rank_device(device, ranks.launch({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}))
+
+
+def test_resolve_device_under_torchrun(monkeypatch):
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    # No CUDA needed to refuse cuda:N: the usage is wrong on any machine.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(CalibrationError, match=re.escape(CUDA_N_REFUSED)):
+        resolve_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == resolve_device("auto") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    message = "invalid --device 'cuda': LOCAL_RANK 1 has no GPU of its own, this machine has 1"
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        resolve_device("cuda")
+    with pytest.raises(CalibrationError, match=re.escape("invalid --device 'cuda1': expected auto, cpu")):
+        resolve_device("cuda1")
+
+
+def test_cli_refuses_cuda_n_under_torchrun_with_one_line(monkeypatch, tmp_path):
+    """The calibrate command's own error path; the ranks' group is stood in for by a one-process team."""
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(ranks, "joined", contextlib.contextmanager(lambda: iter([ranks.Team()])))
+    result = CliRunner().invoke(
+        app, with_default_command([*TINY, "--device", "cuda:0", "--out", str(tmp_path / "tables")])
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {CUDA_N_REFUSED}"
+    assert not (tmp_path / "tables").exists()
+
+
 # --------------------------------------------------------------------------- two gloo processes
 
 
@@ -169,8 +237,10 @@ def test_two_ranks_write_the_same_table_as_one_process(tmp_path):
     assert single.exit_code == 0, single.output
     split = torchrun([*TINY, "--name", "tiny", "--out", str(tmp_path / "two")], tmp_path)
     assert split.returncode == 0, split.stderr[-3000:]
-    # Rank 0 alone prints (the path), and the table is written once.
-    assert split.stdout.strip().splitlines() == [str(tmp_path / "two" / "tiny" / "v1.json")]
+    # Rank 0 alone prints (how to load the table, then its path), and the table is written once.
+    printed = split.stdout.strip().splitlines()
+    assert len(printed) == 2 and printed[0].startswith("load it with ROOT(..., table=")
+    assert printed[1] == str(tmp_path / "two" / "tiny" / "v1.json")
     assert sorted(p.name for p in (tmp_path / "two").rglob("*") if p.is_file()) == ["v1.json"]
     one = json.loads((tmp_path / "one" / "tiny" / "v1.json").read_text())
     two = json.loads((tmp_path / "two" / "tiny" / "v1.json").read_text())
@@ -182,12 +252,20 @@ def test_two_ranks_write_the_same_table_as_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_input_under_torchrun_fails_with_one_line_from_rank_0(tmp_path):
-    result = torchrun([*TINY, "--ratio", "0:0", "--out", str(tmp_path / "tables")], tmp_path)
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            ["--ratio", "0:0"],
+            "invalid ratio '0:0': expected R:S with two non-negative integers, not both 0, e.g. 1:3",
+        ),
+        (["--device", "cuda:0"], CUDA_N_REFUSED),  # refused before CUDA is looked for: CPU machines too
+    ],
+)
+def test_bad_input_under_torchrun_fails_with_one_line_from_rank_0(tmp_path, bad, message):
+    result = torchrun([*TINY, *bad, "--out", str(tmp_path / "tables")], tmp_path)
     assert result.returncode != 0
     assert result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == [
-        "error: invalid ratio '0:0': expected R:S with two non-negative integers, not both 0, e.g. 1:3"
-    ]
+    assert lines == [f"error: {message}"]
     assert not (tmp_path / "tables").exists()

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..corpus import load_corpus
+from ..determinism import deterministic
 from ..errors import CalibrationError
 from .base import Sample
 from .probes import (
@@ -434,6 +435,7 @@ def _settings(shape, count, steps, device, tokens_per_step, ns_steps, trainer, p
     return HarvestSettings(total, probes, trainer, ns_steps, tokens_per_step)
 
 
+@deterministic  # bit-identical samples at any thread count or CPU load (calibrate/determinism.py)
 def run_harvest(
     shape: tuple[int, int],
     count: int,
