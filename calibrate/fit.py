@@ -212,7 +212,7 @@ def robust_report(
         "baseline": settings.stress_baseline,
         "stress_sets": {
             "tail": f"lowest {TAIL_FRACTION:.0%} of σ times {', '.join(map(str, TAIL_FACTORS.values()))}",
-            "low-rank": f"all but the top {LOW_RANK_KEEP:.3g} of σ times {LOW_RANK_FACTOR}",
+            "low-rank": f"all but the top {LOW_RANK_KEEP:.1%} of σ times {LOW_RANK_FACTOR}",
         },
         "stress": sets,
         "guaranteed": [name for name, v in sets.items() if v["guaranteed"]],

@@ -21,8 +21,8 @@ from root_core.tables import CoefficientTable, load_table, next_version, save_ta
 from .determinism import deterministic
 from .errors import CalibrationError
 from .evaluate import matrix_errors
-from .fit import FitResult, FitSettings, check_storage, fit
-from .objective import sample_errors, stack_spectra
+from .fit import FitResult, FitSettings, check_storage, fit, fold_scale
+from .objective import Safety, safety, sample_errors, stack_spectra, stress_spectra, tail_statistics
 from .progress import Stages
 from .sampling import Sample
 from .sampling.harvest import cached_harvest, harvest_run_steps, resolve_steps
@@ -39,6 +39,8 @@ BASELINES = ("muon", "polar-express", "root-paper")
 # The default rows of a calibrated table, for shapes it does not list: Muon's triple, the ROOT
 # reference's own fallback (DESIGN.md §2).
 DEFAULT_ROWS = load_table("muon").default_schedule.rows
+# The validation label of fitted rows that lost to the baseline and were replaced by its rows (issue 10).
+FITTED_LABEL = "fitted (not shipped)"
 
 
 @dataclass(kw_only=True)
@@ -64,6 +66,7 @@ class CalibrationRequest:
     check_samples: int = 2
     command: str = ""
     ranks: int = 1  # torchrun processes sharing the work (calibrate/ranks.py)
+    keep_fitted: bool = False  # --keep-fitted: ship fitted rows even where they lose to the baseline
 
 
 @dataclass
@@ -75,27 +78,69 @@ class ShapeResult:
     sources: list[str]
     counts: dict[str, int]
     seconds: dict[str, float]
+    # The rows the table ships: the fitted ones, or the baseline's where they lost (``fallback``).
+    shipped: Schedule | None = None
+    calibration_error: float | None = None  # of the shipped rows
+    # Where the fitted rows lost to the baseline on validation: why, and both errors (``baseline_check``).
+    fallback: dict | None = None
+    tails: dict = field(default_factory=dict)  # the calibration and stress spectra's deepest tails
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.shipped or self.fit.schedule
+
+    @property
+    def safety(self) -> Safety:
+        if self.shipped is None:
+            return self.fit.safety
+        return safety(self.shipped, self.fit.safety.max_gain, self.fit.safety.margin)
+
+    def bound_for(self, label: str) -> float | None:
+        """The max of P (under the rounding margin) of the shipped or the fitted rows, for the summary."""
+        if label == "calibrated":
+            return self.safety.high
+        return self.fit.safety.high if label == FITTED_LABEL else None
+
+    @property
+    def note(self) -> str:
+        """One line for the summary where the fitted rows lost to the baseline; "" otherwise."""
+        if self.fallback is None:
+            return ""
+        shape, to = format_shape(self.key), self.fallback["to"]
+        if self.fallback.get("kept"):
+            return f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}); kept (--keep-fitted)"
+        return (
+            f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}); the table uses {to}'s rows "
+            "(--keep-fitted keeps the fitted ones)"
+        )
 
     def metrics(self) -> dict:
-        fitted = self.fit
+        bound = self.safety
+        kept = self.fallback is not None and self.fallback.get("kept")
         return {
-            "calibration_error": fitted.calibration_error,
+            "calibration_error": (
+                self.fit.calibration_error if self.calibration_error is None else self.calibration_error
+            ),
             "validation_error": _mean(self.validation["calibrated"]),
             "validation_p95": _p95(self.validation["calibrated"]),
             **{f"matrix_error_{dtype}": _mean(v) for dtype, v in self.matrix["calibrated"].items()},
-            "bound": fitted.safety.high,
-            "bound_low": fitted.safety.low,
-            "max_gain": fitted.safety.max_gain,
+            "bound": bound.high,
+            "bound_low": bound.low,
+            "max_gain": bound.max_gain,
             # "bound" holds with σ and every step's output up to this much (relative) too large.
-            "bound_margin": fitted.safety.margin,
+            "bound_margin": bound.margin,
             "baselines": {
                 label: {
                     "validation_error": _mean(self.validation[label]),
                     **{f"matrix_error_{d}": _mean(v) for d, v in self.matrix.get(label, {}).items()},
                 }
                 for label in self.validation
-                if label != "calibrated"
+                if label not in ("calibrated", FITTED_LABEL)
             },
+            # The fitted rows' stress sets next to the baseline's, and the price of the guarantee.
+            "robust": self.fit.robust,
+            "tails": self.tails,
+            **({"loses_to_baseline" if kept else "fallback": self.fallback} if self.fallback else {}),
             "samples": self.counts,
             "seconds": {stage: round(s, 3) for stage, s in self.seconds.items()},
         }
@@ -252,6 +297,12 @@ def shape_result(
         label: sample_errors(validation_spectra, s).tolist()
         for label, s in check_schedules(key, fitted).items()
     }
+    calibration_spectra = stack_spectra([spectra[id(s)] for s in calibration])
+    fallback = baseline_check(fitted, spectral, matrix, request)
+    shipped = None
+    if fallback is not None and not fallback["kept"]:
+        shipped = baseline_rows(fallback["to"], request.fit.steps)
+        spectral, matrix = shipped_errors(fallback["to"], spectral, matrix, validation_spectra, shipped)
     counts = {
         "real": sum(s.kind == "real" for s in samples),
         "synthetic": sum(s.kind == "synthetic" for s in samples),
@@ -267,7 +318,87 @@ def shape_result(
         sources=[s.source for s in samples],
         counts=counts,
         seconds=seconds,
+        shipped=shipped,
+        calibration_error=_shipped_error(calibration_spectra, shipped),
+        fallback=fallback,
+        tails=tail_record(calibration_spectra),
     )
+
+
+def baseline_check(
+    fitted: FitResult,
+    spectral: dict[str, list[float]],
+    matrix: dict[str, dict[str, list[float]]],
+    request: CalibrationRequest,
+) -> dict | None:
+    """Where the fitted rows lose to the fit's baseline (Polar Express; shared: Muon) on validation, why.
+
+    Losing means a higher mean on either column the summary shows for both: the float64 spectral error of
+    the validation samples, or the bf16 matrix error of the checked ones. ``kept`` says --keep-fitted
+    ships them anyway; the fitted rows are recorded either way, so they are never lost.
+    """
+    name = request.fit.stress_baseline
+    if name not in spectral:
+        return None
+    fitted_error, baseline_error = _mean(spectral["calibrated"]), _mean(spectral[name])
+    reasons = []
+    if fitted_error > baseline_error:
+        reasons.append(f"validation spectral error {fitted_error:.4f} > {baseline_error:.4f}")
+    fitted_bf16 = matrix.get("calibrated", {}).get("bfloat16")
+    baseline_bf16 = matrix.get(name, {}).get("bfloat16")
+    if fitted_bf16 and baseline_bf16 and _mean(fitted_bf16) > _mean(baseline_bf16):
+        reasons.append(f"bf16 matrix error {_mean(fitted_bf16):.4f} > {_mean(baseline_bf16):.4f}")
+    if not reasons:
+        return None
+    return {
+        "to": name,
+        "reason": "; ".join(reasons),
+        "fitted_error": fitted_error,
+        "baseline_error": baseline_error,
+        "fitted_matrix_error_bfloat16": _mean(fitted_bf16) if fitted_bf16 else None,
+        "baseline_matrix_error_bfloat16": _mean(baseline_bf16) if baseline_bf16 else None,
+        "fitted_coefficients": [list(row) for row in fitted.schedule.rows],
+        "fitted_bound": fitted.safety.high,
+        "kept": request.keep_fitted,
+    }
+
+
+def baseline_rows(name: str, steps: int) -> Schedule:
+    """A bundled table's rows for ``steps`` steps at scale 1, its own scale folded into row 1 (Polar
+    Express divides by 1.02·‖G‖_F), so an entry of a scale-1 table computes what the baseline computes."""
+    schedule = load_table(name).default_schedule
+    rows = fold_scale(schedule.expanded(steps), schedule.scale)
+    if len(set(rows)) == 1:
+        rows = rows[:1]  # one shared triple stays one row
+    return Schedule(rows=rows, steps=steps)
+
+
+def shipped_errors(name, spectral, matrix, validation_spectra, shipped):
+    """The validation errors after a fallback: "calibrated" is the shipped (baseline) rows, measured on the
+    spectra and, in bf16, equal to the baseline's matrix check; the fitted rows move to FITTED_LABEL."""
+    spectral = {
+        "calibrated": sample_errors(validation_spectra, shipped).tolist(),
+        FITTED_LABEL: spectral["calibrated"],
+        **{k: v for k, v in spectral.items() if k != "calibrated"},
+    }
+    matrix = {
+        "calibrated": {d: v for d, v in matrix.get(name, {}).items()},
+        FITTED_LABEL: matrix.get("calibrated", {}),
+        **{k: v for k, v in matrix.items() if k != "calibrated"},
+    }
+    return spectral, matrix
+
+
+def _shipped_error(calibration_spectra: Tensor, shipped: Schedule | None) -> float | None:
+    return None if shipped is None else float(sample_errors(calibration_spectra, shipped).mean())
+
+
+def tail_record(calibration_spectra: Tensor) -> dict:
+    """The deepest tails the rows were fitted and stress-tested on (``report --real`` compares with them)."""
+    return {
+        "calibration": tail_statistics(calibration_spectra),
+        "stress": {name: tail_statistics(s) for name, s in stress_spectra(calibration_spectra).items()},
+    }
 
 
 def baseline_schedules(key: ShapeKey) -> dict[str, Schedule]:
@@ -285,7 +416,7 @@ def build_table(request: CalibrationRequest, results: Sequence[ShapeResult]) -> 
     version = next_version(request.out, request.name)
     entries = {
         r.key: {
-            "coefficients": [list(row) for row in r.fit.schedule.rows],
+            "coefficients": [list(row) for row in r.schedule.rows],
             "steps": request.fit.steps,
             "metrics": r.metrics(),
         }
@@ -359,7 +490,7 @@ def run(request: CalibrationRequest, stages: Stages) -> tuple[Path, list[ShapeRe
     cache = SpectrumCache(request.cache_dir / "spectra" if request.cache_dir else None)
     results = [calibrate_shape(key, request, stages, files.get(key, []), cache) for key in request.shapes]
     table = build_table(request, results)
-    return save_table(table, request.out), results
+    return save_table(table, request.out, on_clash="next"), results
 
 
 def real_files(request: CalibrationRequest) -> dict[ShapeKey, list[Sample]]:
