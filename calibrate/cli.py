@@ -22,7 +22,7 @@ from root_core.tables import TableError, table_spec_for, user_tables_dir
 
 from . import ranks
 from .errors import CalibrationError
-from .fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
+from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
 from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
 from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
 from .progress import stages
@@ -155,22 +155,6 @@ def calibrate_command(
     backend: Annotated[str, typer.Option(help=f"One of {', '.join(BACKENDS)}")] = "scipy",
     storage: Annotated[str | None, typer.Option(help="optuna storage URL, e.g. sqlite:///study.db")] = None,
     iterations: Annotated[int, typer.Option(help="Search generations (optuna: ×10 trials)")] = 200,
-    fit_criterion: Annotated[
-        str,
-        typer.Option(
-            "--fit",
-            help=f"One of {', '.join(FIT_CRITERIA)}: robust = mean error, but no worse than Polar Express "
-            "(shared: Muon) on deep-tail stress variants of the samples; mean = mean error alone",
-        ),
-    ] = "robust",
-    keep_fitted: Annotated[
-        bool,
-        typer.Option(
-            "--keep-fitted",
-            help="Ship the fitted rows even at shapes where they lose to Polar Express (shared: Muon) "
-            "on validation; by default such shapes get the baseline's rows",
-        ),
-    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for samples, split and search")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out_dir: Annotated[
@@ -219,11 +203,9 @@ def calibrate_command(
                 seed=seed,
                 iterations=iterations,
                 storage=storage,
-                criterion=fit_criterion,
             ),
             cache_dir=None if no_cache else cache or default_cache_dir(),
             check_samples=check_samples,
-            keep_fitted=keep_fitted,
             command=_command_line(),
         )
         request.shapes, request.layer_shapes = resolve_shapes(shapes, arch, config)
@@ -253,10 +235,7 @@ def calibrate_as(team: ranks.Team, checked_request, quiet: bool) -> int:
         for line in fallback_warnings(request, results):
             err.print(line, markup=False, highlight=False, soft_wrap=True)
         if not quiet:
-            out.print(summary(results))
-        for result in results:  # a fallback changes what the table holds: said even with --quiet
-            if result.note:
-                err.print(f"note: {result.note}", markup=False, highlight=False, soft_wrap=True)
+            out.print(summary(results, request.name))
         # The path stays the last line, for scripts; the line before says how to use the table.
         hint = f'load it with ROOT(..., table="{table_spec_for(path)}")'
         out.print(hint, markup=False, highlight=False, soft_wrap=True)
@@ -356,9 +335,13 @@ def fallback_warnings(request: CalibrationRequest, results: list[ShapeResult]) -
     return lines
 
 
-def summary(results: list[ShapeResult]) -> Table:
-    """Validation errors of the calibrated rows next to the baselines, per shape."""
-    table = Table(title="Relative error vs the SVD polar factor, validation mean (spectral: float64)")
+def summary(results: list[ShapeResult], name: str = "calibrated") -> Table:
+    """Validation errors of the table's rows (labelled with its name) next to the baselines, per shape."""
+    table = Table(
+        title="Relative error vs the SVD polar factor, validation mean",
+        caption=summary_caption(results),
+        caption_justify="left",
+    )
     for column in ("shape", "table", "spectral", "float32", "bf16", f"max P (+{ROUNDING_MARGIN:.0%})"):
         table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
     for result in results:
@@ -366,13 +349,28 @@ def summary(results: list[ShapeResult]) -> Table:
             matrix = result.matrix.get(label, {})
             table.add_row(
                 format_shape(result.key),
-                label,
+                name if label == "calibrated" else label,
                 f"{sum(errors) / len(errors):.4f}",
                 _fmt(matrix.get("float32")),
                 _fmt(matrix.get("bfloat16")),
-                "" if (bound := result.bound_for(label)) is None else f"{bound:.4f}",
+                f"{result.fit.safety.high:.4f}" if label == "calibrated" else "",
             )
     return table
+
+
+def summary_caption(results: list[ShapeResult]) -> str:
+    """Which samples each column averages: spectral all validation samples, float32/bf16 a subset."""
+    validation = _count_range(r.counts["validation"] for r in results)
+    checked = _count_range(r.counts["matrix_checked"] for r in results)
+    return (
+        f"spectral: float64 from the spectrum, over all {validation} validation samples per shape; "
+        f"float32 / bf16: the real iteration, over the first {checked} of them (--check-samples)"
+    )
+
+
+def _count_range(counts) -> str:
+    values = sorted(set(counts))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
 def _fmt(values: list[float] | None) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -145,7 +147,7 @@ def test_harvest_command_saves_samples_that_calibrate_reads_with_real(tmp_path):
 
 
 def test_summary_and_last_line_without_quiet(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "summary", lambda results: "SUMMARY")
+    monkeypatch.setattr(cli, "summary", lambda results, name: "SUMMARY")
     result = invoke([a for a in TINY if a != "--quiet"] + ["--out", str(tmp_path), "--no-cache"])
     assert result.exit_code == 0, result.output
     assert "SUMMARY" in result.output and result.output.strip().splitlines()[-1].endswith("v1.json")
@@ -203,3 +205,33 @@ def test_real_without_the_shape_warns_and_provenance_says_harvest(tmp_path):
     provenance = load_table(Path(result.output.strip().splitlines()[-1])).provenance
     assert provenance["real_sources"] == ["harvest"]
     assert provenance["real_per_shape"] == {"16x48": {"files": 0, "harvest": 2}}
+
+
+def rendered(table) -> str:
+    console = Console(record=True, width=200)
+    console.print(table)
+    return console.export_text()
+
+
+def test_summary_names_the_table_and_says_which_samples_each_column_averages():
+    result = SimpleNamespace(
+        key=(16, 48),
+        validation={"calibrated": [0.1, 0.3, 0.2, 0.2], "muon": [0.4, 0.4, 0.4, 0.4]},
+        matrix={
+            "calibrated": {"float32": [0.1, 0.3], "bfloat16": [0.2, 0.3]},
+            "muon": {"bfloat16": [0.5, 0.5]},
+        },
+        counts={"validation": 4, "matrix_checked": 2},
+        fit=SimpleNamespace(safety=SimpleNamespace(high=1.1)),
+        bound_for=lambda label: 1.1 if label == "calibrated" else None,
+    )
+    text = rendered(cli.summary([result], "mymodel"))
+    cells = [line.replace("│", " ").split() for line in text.splitlines() if "16x48" in line]
+    rows = {row[1]: row[2:] for row in cells}
+    assert set(rows) == {"mymodel", "muon"} and "calibrated" not in text
+    assert rows["mymodel"][:3] == ["0.2000", "0.2000", "0.2500"]
+    caption = " ".join(text.split())
+    assert (
+        "spectral: float64 from the spectrum, over all 4 validation samples per shape; float32 / bf16: the "
+        "real iteration, over the first 2 of them (--check-samples)"
+    ) in caption
