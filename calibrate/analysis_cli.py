@@ -15,7 +15,15 @@ from .cli import app, check_out_dir, err, fail, out, resolve_device
 from .errors import CalibrationError
 from .precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
 from .progress import stages
-from .report import REPORT_FORMATS, format_report, left_aligned, list_tables, load_for_show, show_table
+from .report import (
+    REPORT_FORMATS,
+    format_sampled_report,
+    left_aligned,
+    list_tables,
+    load_for_show,
+    show_table,
+)
+from .shapes import format_shape
 
 PLOT_EXAMPLES = """
 Examples:
@@ -74,6 +82,11 @@ def _analyse(tables, against, shapes, samples, count, check_samples, seed, harve
         )
 
 
+def sample_descriptions(analysis: Analysis) -> dict[str, str]:
+    """Shape → which samples its numbers are measured on (the figures' caption)."""
+    return {format_shape(item.shape): analysis.caption(item.shape) for item in analysis.shapes}
+
+
 @app.command("plot", epilog=PLOT_EXAMPLES)
 def plot_command(
     tables: TablesArg,
@@ -129,7 +142,7 @@ def report_command(
         analysis: Analysis = _analyse(
             tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
         )
-        text = format_report(report_frame(analysis), fmt)
+        text = format_sampled_report(report_frame(analysis), fmt, sample_descriptions(analysis))
     except CalibrationError as error:
         fail(str(error))
     print(text)  # plain print: rich would re-wrap a CSV or JSON document

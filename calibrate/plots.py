@@ -52,6 +52,10 @@ ERROR_AXIS_MAX = 3.0
 # Drawn values are capped here (far above the axis, so the cap never shows): matplotlib cannot fill a
 # band up to an infinite error, which is what a diverged iteration reports.
 DRAW_MAX = 1e3 * ERROR_AXIS_MAX
+# plot draws its own samples (--samples, --count, --seed), never the calibration's: said under each figure.
+PLOT_SAMPLES_NOTE = (
+    "not the samples the table was calibrated on, so errors differ from its metrics (root-calibrate show)"
+)
 X_NAMES = {"steps": "step", "train_step": "training step"}
 ERROR_LABEL = "relative error ‖NS(G) − UVᵀ‖_F / ‖UVᵀ‖_F (dimensionless, log scale)"
 SIGMA_LABEL = "normalised singular value σ = σᵢ(G) / ‖G‖_F (log scale)"
@@ -71,7 +75,7 @@ def _colors(analysis: Analysis) -> dict[str, str]:
 def _finish(fig: Figure, title: str, analysis: Analysis, shape: ShapeKey) -> None:
     fig.suptitle(f"{title} — {format_shape(shape)}", fontsize=12)
     # supxlabel, not fig.text: constrained layout reserves room for it, so it never overlaps an axis label.
-    fig.supxlabel(analysis.caption(shape), **CAPTION_STYLE)
+    fig.supxlabel(f"{analysis.caption(shape)}\n{PLOT_SAMPLES_NOTE}", **CAPTION_STYLE)
 
 
 # ---- 1. error vs iterations -------------------------------------------------------------------------

@@ -33,6 +33,11 @@ REPORT_TITLE = (
     "spectral = float64 from the spectrum, bf16 = measured matrix iteration; "
     "bound = max of P on (0, 1]; ratio_vs_X = spectral mean / X's"
 )
+# report and plot draw their own samples (--samples, --count, --seed), never the calibration's.
+SAMPLES_NOTE = (
+    "These are not the samples the table was calibrated and validated on, so the numbers differ from its "
+    "metrics (root-calibrate show TABLE); --samples harvest or a momentum file measures on real momentum."
+)
 # `show` prints lists up to this length; longer ones (per-sample sources) are summarised.
 MAX_VALUE_CHARS = 100
 
@@ -47,6 +52,15 @@ def format_report(frame: pd.DataFrame, fmt: str) -> str:
     if fmt == "markdown":
         return markdown(frame)
     return f"{REPORT_TITLE}\n\n{_rounded(frame).to_string(index=False)}"
+
+
+def format_sampled_report(frame: pd.DataFrame, fmt: str, samples: Mapping[str, str]) -> str:
+    """:func:`format_report`, saying which samples the numbers are on (``samples``: shape → description):
+    a ``samples`` column in csv and json, a note under the table otherwise."""
+    if fmt in ("csv", "json"):
+        return format_report(frame.assign(samples=frame["shape"].map(samples)), fmt)
+    lines = [f"samples: {description}" for description in samples.values()]
+    return "\n".join([format_report(frame, fmt), "", *lines, SAMPLES_NOTE])
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from calibrate import plots, precision
 from calibrate.cli import app, with_default_command
 from calibrate.evaluate import matrix_errors, polar_factor
+from calibrate.plots import PLOT_SAMPLES_NOTE
+from calibrate.report import SAMPLES_NOTE
 from calibrate.sampling.harvest import harvest, save_harvest
 from calibrate.spectra import clipped
 from root_core.tables import CoefficientTable, load_table, save_table
@@ -212,6 +214,17 @@ def test_report_formats_agree(harvest_file):
     assert np.allclose(frame["spectral_mean"], [r["spectral_mean"] for r in records])
     assert outputs["markdown"].splitlines()[0].startswith("| shape | table | steps | spectral_mean")
     assert "Relative error vs the exact polar factor (SVD)" in outputs["table"]
+    # Every format says which samples the numbers are on, and that they are not the calibration's.
+    described = f"shape {SHAPE_TEXT} · 3 samples from {harvest_file}"
+    assert frame["samples"].str.startswith(described).all() and records[0]["samples"] == frame["samples"][0]
+    for fmt in ("markdown", "table"):
+        assert f"samples: {described}" in outputs[fmt] and SAMPLES_NOTE in outputs[fmt]
+
+
+def test_figures_say_they_are_not_on_the_calibration_samples(analysis):
+    fig = plots.new_figure()
+    plots.plot_iterations(fig, analysis, SHAPE)
+    assert fig.get_supxlabel().endswith(PLOT_SAMPLES_NOTE)
 
 
 def test_show_and_list(spiky_table, monkeypatch):
