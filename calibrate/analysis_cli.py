@@ -132,6 +132,16 @@ def report_command(
     device: Device = "auto",
     fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(REPORT_FORMATS)}")] = "table",
     quiet: Quiet = False,
+    real: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Score the tables on this momentum (files or folders, as calibration's --real) against "
+            "Muon and Polar Express, per shape found; warns where it is deeper-tailed than the calibration"
+        ),
+    ] = None,
+    real_is_momentum: Annotated[
+        bool, typer.Option("--real-is-momentum", help="With --real: unmarked plain tensors are momentum")
+    ] = False,
 ) -> None:
     """Mean / p95 error (float64 spectral, bf16 matrix), bound on (0, 1], steps, ratio to each baseline."""
     from .precision import report_frame
@@ -139,6 +149,14 @@ def report_command(
     try:
         if fmt not in REPORT_FORMATS:
             raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(REPORT_FORMATS)}")
+        if real:
+            from .real_report import real_report_text
+
+            text, warnings = real_report_text(tables, real, fmt, real_is_momentum, resolve_device(device))
+            print(text, flush=True)
+            for warning in warnings:
+                err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+            return
         analysis: Analysis = _analyse(
             tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
         )
