@@ -2,7 +2,7 @@
 
 One step maps X ↦ aX + b(XXᵀ)X + c(XXᵀ)²X, which acts on each singular value σ as
 p(σ) = aσ + bσ³ + cσ⁵ and keeps the singular vectors (DESIGN.md §1). A schedule is one (a, b, c) row
-per step; the input is first normalised to X = G / (scale·‖G‖_F + eps) so that every σ lies in [0, 1].
+per step; the input is first normalised to X = G / max(scale·‖G‖_F, eps) so that every σ lies in [0, 1].
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .schedule import Schedule, as_schedule
+from .schedule import DEFAULT_EPS, Schedule, as_schedule
 
-# torch.optim.Muon's stabiliser, from KellerJordan/Muon; keeps a zero gradient from dividing by zero.
-DEFAULT_EPS = 1e-7
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
@@ -107,15 +105,16 @@ def newton_schulz_tensor(X: Tensor, coefficients: Tensor) -> Tensor:
 
 
 def _normalize(X: Tensor, dtype: torch.dtype, scale: float, eps: float) -> Tensor:
-    """X / (scale·‖X‖_F + eps) per matrix, computed in the iteration dtype.
+    """X / max(scale·‖X‖_F, eps) per matrix, computed in the iteration dtype.
 
-    Casting first and dividing in that dtype is what ``torch.optim.Muon`` does, so with scale 1 a bf16
-    run matches it bit for bit; torch's norm reductions accumulate bf16 in float32. eps keeps an
-    all-zero matrix at zero instead of NaN.
+    Casting first, dividing in that dtype and flooring the norm at eps (``clamp(min=eps)``) is what
+    ``torch.optim.Muon`` does, so with scale 1 a bf16 run matches it bit for bit, tiny gradients too
+    (an added eps differs from the floor by 13% of the update at ‖G‖ = 1e-8); torch's norm reductions
+    accumulate bf16 in float32. eps keeps an all-zero matrix at zero instead of NaN.
     """
     X = X.to(dtype)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    return X / (norm * scale + eps)
+    return X / (norm * scale).clamp(min=eps)
 
 
 def _check_coefficient_tensor(coefficients: Tensor, steps: int | None) -> Tensor:

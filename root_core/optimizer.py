@@ -26,10 +26,10 @@ from .distributed import (
     orthogonalize_sharded,
     resolve_data_parallel,
 )
-from .newton_schulz import DEFAULT_EPS, default_ns_dtype, orthogonalize
+from .newton_schulz import default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
-from .schedule import Schedule
+from .schedule import DEFAULT_EPS, Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
 from .tables import CoefficientTable, TableError, load_table
 
@@ -59,10 +59,15 @@ LEGACY_STATE_TABLE_KEY = "root_table"
 class ROOT(torch.optim.Optimizer):
     """ROOT: a drop-in for ``torch.optim.Muon`` that loads Newton–Schulz coefficients per shape.
 
-    Args follow ``torch.optim.Muon`` (``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``eps``,
-    ``ns_steps``, ``adjust_lr_fn``), plus:
+    Args follow ``torch.optim.Muon`` (``lr``, a float or 1-element tensor, ``weight_decay``, ``momentum``,
+    ``nesterov``, ``ns_coefficients``, ``eps``, ``ns_steps``, ``adjust_lr_fn``), plus:
         table: a coefficient table or anything :func:`load_table` takes (``"muon"``, ``"root-paper@1"``,
-            a path, a dict). Looked up once per parameter shape, at construction.
+            a path, a dict); default ``"muon"``. Looked up once per parameter shape, at construction.
+        ns_coefficients: ``torch.optim.Muon``'s name for one ``(a, b, c)`` row used at every shape: a
+            one-row table (Muon's eps, scale 1). Give it or ``table``, not both.
+        eps: the floor of the normaliser, X = G / max(scale·‖G‖_F, eps), as ``torch.optim.Muon``'s
+            ``clamp(min=eps)``; ``None`` (default) takes the table's ``normalization.eps``, a number
+            overrides it for this optimizer.
         outlier_quantile: quantile of |update| at which the update is clipped before NS (ROOT's
             soft-threshold); ``None`` switches it off.
         ns_steps: steps per NS call; ``None`` runs the table's own count.
@@ -90,9 +95,10 @@ class ROOT(torch.optim.Optimizer):
         momentum: float = DEFAULT_MOMENTUM,
         nesterov: bool = True,
         *,
-        table: Any = "muon",
+        table: Any = None,
+        ns_coefficients: tuple[float, float, float] | None = None,
         outlier_quantile: float | None = DEFAULT_OUTLIER_QUANTILE,
-        eps: float = DEFAULT_EPS,
+        eps: float | None = None,
         ns_steps: int | None = None,
         adjust_lr_fn: str | None = None,
         ns_dtype: torch.dtype | str | None = None,
@@ -105,7 +111,8 @@ class ROOT(torch.optim.Optimizer):
             raise ValueError(f"missing_shape must be one of {MISSING_SHAPE_POLICIES}, got {missing_shape!r}")
         check_data_parallel(data_parallel)
         self.data_parallel = data_parallel
-        self.table: CoefficientTable = load_table(table)
+        _check_lr(lr)  # first, as torch.optim.Muon does, so its error inputs get its message
+        self.table: CoefficientTable = load_table(_table_spec(table, ns_coefficients))
         self.missing_shape = missing_shape
         self._schedules: dict[tuple[tuple[int, int], int | None], Schedule] = {}
         defaults = dict(
@@ -126,6 +133,11 @@ class ROOT(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "ns_coefficients" in param_group:
+            raise ValueError(
+                "ns_coefficients is a ROOT constructor argument (it defines the table for all groups), "
+                "not a per-group setting; pass a table with per-shape rows instead"
+            )
         if "ns_dtype" in param_group:
             param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
         super().add_param_group(param_group)
@@ -133,6 +145,11 @@ class ROOT(torch.optim.Optimizer):
         group.update(self._table_keys())
         _validate_group(group)
         for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError(
+                    f"ROOT does not support complex parameters, got a {p.dtype} parameter of shape "
+                    f"{tuple(p.shape)}; optimise torch.view_as_real(p) instead, or use another optimizer"
+                )
             if _routes_to_root(group, p):
                 self._schedule_for(p, group["ns_steps"])  # fail (or warn) now, not mid-training
 
@@ -222,17 +239,18 @@ class ROOT(torch.optim.Optimizer):
 
     def _directions(self, update: Tensor, group: dict[str, Any]) -> Tensor:
         """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices."""
+        eps = self.table.normalization.eps if group["eps"] is None else group["eps"]
         return clipped_direction(
             update,
             self._schedule_for_shape(tuple(update.shape[-2:]), group["ns_steps"]),
             outlier_quantile=group["outlier_quantile"],
-            eps=group["eps"],
+            eps=eps,
             ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(update.device),
         )
 
     def _apply_updates(self, params: list[Tensor], directions: list[Tensor], group: dict[str, Any]) -> None:
         """Weight decay and the step, on each rank's own rows (a DTensor's local shard)."""
-        lr = group["lr"]
+        lr = _scalar(group["lr"])
         for p, direction in zip(params, directions, strict=True):
             local = local_tensor(p)
             local.mul_(1 - lr * group["weight_decay"])
@@ -263,7 +281,7 @@ class ROOT(torch.optim.Optimizer):
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            lr=group["lr"],
+            lr=_scalar(group["lr"]),
             weight_decay=group["weight_decay"],
             eps=group["adamw_eps"],
             maximize=False,
@@ -401,11 +419,47 @@ def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return (p.shape[0], p.numel() // p.shape[0]) if p.shape[0] else (0, 0)
 
 
+def _table_spec(table: Any, ns_coefficients: Any) -> Any:
+    """What to load: ``table``, else a one-row table of torch.optim.Muon's ``ns_coefficients``, else muon."""
+    if ns_coefficients is None:
+        return "muon" if table is None else table
+    if table is not None:
+        raise ValueError(
+            "pass table= or ns_coefficients=, not both: ns_coefficients is torch.optim.Muon's name for a "
+            f"one-row table, got table={table!r} and ns_coefficients={ns_coefficients!r}"
+        )
+    try:
+        row = tuple(float(value) for value in ns_coefficients)
+    except (TypeError, ValueError):
+        row = ()
+    if len(row) != 3 or not all(math.isfinite(value) for value in row):
+        raise ValueError(f"ns_coefficients must be three finite numbers (a, b, c), got {ns_coefficients!r}")
+    return CoefficientTable.create(
+        name="ns-coefficients",
+        default_rows=row,
+        eps=DEFAULT_EPS,  # torch.optim.Muon's
+        provenance={"source": "ROOT(ns_coefficients=...)", "note": "torch.optim.Muon's row for all shapes"},
+    )
+
+
+def _check_lr(lr: Any) -> None:
+    # torch.optim.Muon's own check and message, word for word.
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+def _scalar(value: float | Tensor) -> float:
+    """A group's lr as a Python number; torch optimizers accept a 1-element tensor (LR schedulers fill it)."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
 def _validate_group(group: dict[str, Any]) -> None:
-    _check_range("lr", group["lr"], low=0.0)
+    _check_lr(group["lr"])
+    _check_range("lr", _scalar(group["lr"]), low=0.0)
     _check_range("weight_decay", group["weight_decay"], low=0.0)
     _check_range("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-    _check_range("eps", group["eps"], low=0.0)
+    if group["eps"] is not None:
+        _check_range("eps", group["eps"], low=0.0)
     _check_range("adamw_eps", group["adamw_eps"], low=0.0)
     if group["outlier_quantile"] is not None:
         _check_range("outlier_quantile", group["outlier_quantile"], low=0.0, high=1.0, low_open=True)

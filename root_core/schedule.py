@@ -11,6 +11,9 @@ DEFAULT_NS_STEPS = 5
 # Every coefficient set we know normalises by the Frobenius norm; a scale above 1 (Polar Express: 1.02)
 # is a safety margin that keeps the largest singular value strictly inside (0, 1].
 DEFAULT_SCALE = 1.0
+# The floor of the normaliser, X = G / max(scale·‖G‖_F, eps): torch.optim.Muon's eps (KellerJordan/Muon).
+# It only matters for gradients with ‖G‖_F near or below it, and keeps a zero gradient at zero.
+DEFAULT_EPS = 1e-7
 
 Row = tuple[float, float, float]
 
@@ -19,10 +22,10 @@ Row = tuple[float, float, float]
 class Schedule:
     """Quintic Newton–Schulz rows and the input normalisation they assume.
 
-    The iteration runs on ``X = G / (scale * ||G||_F + eps)``. ``rows`` holds one ``(a, b, c)`` per step;
-    a single row means "repeat it", ``steps`` times (default 5). With several rows, ``steps`` defaults to
-    their count. Asking for more steps than rows repeats the last row, which is how per-step sets such as
-    Polar Express are extended; fewer steps use the first rows.
+    The iteration runs on ``X = G / max(scale * ||G||_F, eps)`` (eps comes from the table). ``rows``
+    holds one ``(a, b, c)`` per step; a single row means "repeat it", ``steps`` times (default 5). With
+    several rows, ``steps`` defaults to their count. Asking for more steps than rows repeats the last row,
+    which is how per-step sets such as Polar Express are extended; fewer steps use the first rows.
     """
 
     rows: tuple[Row, ...]

@@ -18,7 +18,10 @@ Schema version 1, in JSON::
      "content_hash": "sha256:..."}                           # optional on input, always written
 
 A single row means "repeat it" (5 steps unless ``steps`` says otherwise); several rows are one per step.
-The iteration runs on ``X = G / (scale * ||G||_F + eps)``.
+The iteration runs on ``X = G / max(scale * ||G||_F, eps)``: ``eps`` floors the normaliser as
+``torch.optim.Muon``'s ``clamp(min=eps)`` does. ROOT uses the table's eps unless its ``eps=`` is given.
+For published sets normalised with an added eps (Polar Express: ``||G||_F * 1.02 + 1e-6``) the two differ
+by a relative eps/(scale·||G||_F), below float32 resolution once ||G||_F > 16.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from root_core.files import write_atomically
-from root_core.schedule import DEFAULT_SCALE, Row, Schedule
+from root_core.schedule import DEFAULT_EPS, DEFAULT_SCALE, Row, Schedule
 
 try:
     from coeff_tables import TABLES_DIR as BUNDLED_TABLES_DIR
@@ -52,8 +55,6 @@ TABLES_ENV = "ROOT_COEFF_TABLES"
 # The per-user table folder (see user_tables_dir): root-calibrate's default --out, always searched.
 USER_TABLES_ENV = "ROOT_COEFF_HOME"
 MISSING_POLICIES = ("default", "error", "nearest")
-# torch.optim.Muon's eps; the ROOT reference also normalises by ||X||_F + 1e-7.
-DEFAULT_EPS = 1e-7
 # missing="nearest": distance = |log aspect − log aspect'| + NEAREST_SIZE_WEIGHT·|log(m·n) − log(m'·n')|.
 # The spectrum's shape follows the aspect ratio (Marchenko–Pastur), so aspect dominates; size only breaks
 # near-ties. At 0.1, a 4x size difference weighs as much as a 1.15x aspect difference.
@@ -100,7 +101,7 @@ class MissingShapeWarning(UserWarning):
 
 @dataclass(frozen=True, kw_only=True)
 class Normalization:
-    """How the input is scaled before the iteration: ``X = G / (scale * ||G||_F + eps)``."""
+    """How the input is scaled before the iteration: ``X = G / max(scale * ||G||_F, eps)``."""
 
     kind: str = "frobenius"
     scale: float = DEFAULT_SCALE

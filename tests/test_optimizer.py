@@ -61,7 +61,7 @@ def reference_root_step(p, grad, buf, *, lr, weight_decay, momentum=0.95, quanti
     g = grad + momentum * buf  # Nesterov
     epsilon = float(np.quantile(g.abs().numpy(), quantile))
     B = g.clamp(-epsilon, epsilon)  # B = M − T_ε(M)
-    X = B / (B.norm() + 1e-7)
+    X = B / B.norm().clamp(min=1e-7)  # the floor torch.optim.Muon and ROOT use
     a, b, c = ROOT_PAPER_2048
     for _ in range(5):
         A = X @ X.T
