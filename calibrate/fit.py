@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -498,12 +499,12 @@ def _storage_error(url: str | None, error: BaseException) -> CalibrationError:
 
 
 def _masked(url: str | None) -> str:
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    """The URL as given, its password (if any) replaced by ***; re-rendering it would re-encode the rest
+    (a socket folder in ?host=/run/pg would read %2Frun%2Fpg)."""
+    match = re.match(r"[\w+]+://[^:/@]*:([^@/]*)@", url or "")
+    if match is None:
         return str(url)
+    return f"{url[: match.start(1)]}***{url[match.end(1) :]}"
 
 
 def _study_name(settings: FitSettings, label: str, spectra: Tensor, robust: bool = False) -> str:
