@@ -86,3 +86,17 @@ def test_robust_fit_is_deterministic():
     spectra = well_conditioned_spectra()
     settings = FitSettings(iterations=ITERATIONS, seed=5)
     assert fit(spectra, settings).schedule.rows == fit(spectra, settings).schedule.rows
+
+
+@pytest.mark.slow
+def test_robust_fit_benchmark_smoke(tmp_path):
+    from conftest import run_benchmark
+
+    result = run_benchmark(
+        "robust_fit.py", "--shapes", "16x48", "--samples", "4", "--iterations", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 16x48 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["mean", "robust (constraint)", "robust (penalty)"]
+    # The constraint is met on the calibration stress sets (cells 5–7): no ✗ there.
+    assert all("✗" not in cell for cell in rows[1].split(" | ")[5:8])
