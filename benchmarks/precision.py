@@ -2,7 +2,12 @@
 
 Held-out means calibration never saw it: momentum harvested with another seed from another corpus
 (default: the installed torch package's Python sources, where calibration trains on the standard
-library), and synthetic matrices drawn with a seed no calibration uses (SYNTHETIC_SEED). Every matrix
+library), and synthetic matrices drawn with a seed no calibration uses (SYNTHETIC_SEED). Next to that
+"held-out real" set, the *independent* set differs from calibration in probe family, optimizer and
+corpus, and spans training: a post-LN grouped-query probe trained with Muon without Nesterov
+(momentum 0.9) and with AdamW at torch's defaults (``exp_avg``), recorded early, mid-way and late
+(``calibrate/sampling/probes.py``: HELD_OUT_PROBES). It is reported per shape, per phase and per
+optimizer, because another seed of the calibration harvester hides exactly where a table fails. Every matrix
 is clipped as the optimizer clips it (q=0.9 unless the table says otherwise), then scored at each
 set's own step count (5; you-6step: 6): the float64 spectral error for every matrix, and the measured
 bf16 matrix error of ``orthogonalize`` against the SVD polar factor for the first ``--matrix-count``
@@ -41,6 +46,7 @@ from calibrate.evaluate import matrix_errors
 from calibrate.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
 from calibrate.sampling import Sample
 from calibrate.sampling.harvest import cached_harvest, resolve_steps
+from calibrate.sampling.probes import HELD_OUT_PROBES, OPTIMIZERS
 from calibrate.sampling.synthetic import FAMILIES, synthetic_sample
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
@@ -53,6 +59,8 @@ BASELINES = ("classic", "muon", "you-6step", "polar-express", "root-paper")
 OURS_SHARED, OURS_PER_STEP = "ours shared", "ours per-step"
 COLUMNS = (*BASELINES, OURS_SHARED, OURS_PER_STEP)
 HELD_OUT_SEED = 1  # calibration harvests with seed 0
+# Samples cycle the 2 held-out probes × 3 phases (harvest.record_plan): 6 holds every pair once.
+INDEPENDENT_COUNT = 6
 # Calibration draws its synthetic samples with its own --seed (0 by default, small in practice); a
 # seed far from those gives matrices no calibration run has seen.
 SYNTHETIC_SEED = 10_000
@@ -114,6 +122,11 @@ def label(table: CoefficientTable) -> str:
 def check_held_out(tables, corpus: Path) -> None:
     """Refuse to score a table on the very momentum or synthetic stream it was calibrated on."""
     for table in tables:
+        trained = set(table.provenance.get("harvest_probes", [])) & set(HELD_OUT_PROBES)
+        if trained:
+            raise SystemExit(
+                f"table {label(table)} was calibrated on {', '.join(sorted(trained))}: not held out"
+            )
         seed = table.provenance.get("seed")
         if seed == HELD_OUT_SEED and table.provenance.get("corpus") == str(corpus):
             raise SystemExit(f"table {label(table)} was calibrated on seed {seed} of {corpus}: not held out")
@@ -136,6 +149,43 @@ def held_out_samples(key, args) -> list[Sample]:
         device="cpu",
         folder=args.cache / "held-out-harvest" if args.cache is not None else None,
     )
+
+
+def independent_samples(key, args) -> list[Sample]:
+    """Momentum from the held-out probes (another family and optimizers, ``--corpus``), early to late."""
+    count = args.independent_count
+    return cached_harvest(
+        key,
+        count,
+        seed=HELD_OUT_SEED,
+        corpus=args.corpus,
+        steps=resolve_steps(key, count, args.steps, probes=HELD_OUT_PROBES),
+        device="cpu",
+        folder=args.cache / "held-out-harvest" if args.cache is not None else None,
+        probes=HELD_OUT_PROBES,
+    )
+
+
+def independent_groups(samples: list[Sample]) -> dict[str, list[int]]:
+    """Sample indices of the whole set, of each training phase and of each optimizer kind (non-empty)."""
+    groups = {"independent": list(range(len(samples)))}
+    for phase in ("early", "mid", "late"):
+        groups[f"independent {phase}"] = [i for i, s in enumerate(samples) if s.meta.get("phase") == phase]
+    for kind in ("muon", "adamw"):
+        groups[f"independent {kind}"] = [
+            i for i, s in enumerate(samples) if OPTIMIZERS[s.meta["optimizer"]].kind == kind
+        ]
+    return {name: members for name, members in groups.items() if members}
+
+
+def group_scores(samples: list[Sample], schedules, clip) -> dict[str, tuple[int, dict[str, float]]]:
+    """Each independent group's size and mean float64 spectral error per coefficient set."""
+    spectra = stack_spectra([normalized_spectrum(s.matrix, clip_quantile=clip) for s in samples])
+    errors = {name: sample_errors(spectra, schedule).tolist() for name, schedule in schedules.items()}
+    return {
+        group: (len(members), {name: statistics.mean(e[i] for i in members) for name, e in errors.items()})
+        for group, members in independent_groups(samples).items()
+    }
 
 
 def synthetic_sets(key, count: int) -> dict[str, list[Sample]]:
@@ -195,8 +245,10 @@ def header(args) -> list[str]:
         "",
         f"Command: `python benchmarks/precision.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
         f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}` sources (calibration: seed 0, stdlib)"
-        f"{synthetic}. Clipped as ROOT clips; each set at its own step count (5; you-6step: 6); "
-        "errors relative to the exact polar factor.",
+        f"{synthetic}. Independent held-out momentum: {args.independent_count} per shape from probes "
+        f"{', '.join(HELD_OUT_PROBES)} (a family and optimizers calibration never trains), same seed and "
+        "corpus, early/mid/late snapshots. Clipped as ROOT clips; each set at its own step count (5; "
+        "you-6step: 6); errors relative to the exact polar factor.",
         "",
     ]
 
@@ -223,23 +275,41 @@ def run_long(keys, tables, args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     clip = clip_quantile(tables)
+    columns = [*(label(t) for t in tables), *BASELINES]
+    independent = [
+        "",
+        "Independent held-out momentum, mean float64 spectral error per phase and optimizer "
+        f"(bold: best in the row; {MISSING}: no entry for the shape):",
+        "",
+        f"| shape | samples | {' | '.join(columns)} |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for key in keys:
         started = time.perf_counter()
         samples = held_out_samples(key, args)
         schedules = schedules_for(key, tables)
         lines += long_rows(key, score(samples, schedules, clip, args.matrix_count), schedules)
+        independent += independent_rows(key, independent_samples(key, args), schedules, columns, clip)
         progress(
-            f"{format_shape(key)}: {len(samples)} held-out matrices in {time.perf_counter() - started:.0f} s"
+            f"{format_shape(key)}: {len(samples)} held-out and {args.independent_count} independent "
+            f"matrices in {time.perf_counter() - started:.0f} s"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + independent) + "\n"
 
 
-def cells(values: dict[str, float]) -> list[str]:
+def independent_rows(key, samples, schedules, columns, clip) -> list[str]:
+    return [
+        table_row(key, f"{group} ({size})", cells(values, columns))
+        for group, (size, values) in group_scores(samples, schedules, clip).items()
+    ]
+
+
+def cells(values: dict[str, float], columns=COLUMNS) -> list[str]:
     """One cell per column, the row's lowest error in bold, "—" for sets without an entry here."""
     present = [v for v in values.values() if not math.isnan(v)]
     best = min(present) if present else math.nan
     out = []
-    for column in COLUMNS:
+    for column in columns:
         value = values.get(column, math.nan)
         text = _or_missing(value)
         out.append(f"**{text}**" if value == best else text)
@@ -265,6 +335,8 @@ def leaderboard_shape(key, tables, args) -> tuple[list[str], list[str], str]:
         spectral_rows.append(table_row(key, f"{what} ({scores.count})", cells(scores.spectral)))
         if scores.checked:
             bf16_rows.append(table_row(key, f"{what} ({scores.checked})", cells(scores.bf16)))
+        if what == "held-out real":
+            spectral_rows += independent_rows(key, independent_samples(key, args), schedules, COLUMNS, clip)
     for what, bound in (
         ("max P on [0,1]", exact_bound),
         (f"max P, {ROUNDING_MARGIN:.0%} rounding margin", rounded_bound),
@@ -347,6 +419,12 @@ def parse_args() -> argparse.Namespace:
         + ")",
     )
     parser.add_argument("--count", type=int, default=4, help="held-out matrices per shape")
+    parser.add_argument(
+        "--independent-count",
+        type=int,
+        default=INDEPENDENT_COUNT,
+        help="independent held-out matrices per shape (6: every probe × phase pair once)",
+    )
     parser.add_argument("--matrix-count", type=int, default=1, help="of which checked with bf16 matrices")
     parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
     parser.add_argument("--corpus", type=Path, default=held_out_corpus())
@@ -359,7 +437,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="harvest again, write nothing")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    for name in ("count", "synthetic_count"):
+    for name in ("count", "synthetic_count", "independent_count"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("matrix_count", "synthetic_matrix_count"):

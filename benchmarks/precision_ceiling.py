@@ -4,9 +4,14 @@ A table calibrated elsewhere can at best match a schedule fitted on the held-out
 (same step count, same bound on P). That "oracle" is a lower bound on the held-out error of any
 calibrated table, so it says which precision targets are reachable at all: if the oracle per-step
 error is above half of Polar Express's, no calibration can reach "half of Polar Express" on that
-momentum. Held-out momentum and its cache are the ones ``precision.py`` uses.
+momentum. Held-out momentum and its cache are the ones ``precision.py`` uses: ``--set held-out`` (the
+calibration harvester's probes on another seed and corpus) or ``--set independent`` (probes of another
+family and optimizers, early to late). With ``--table``, each shape also gets that table's error and the
+share of the headroom it captures, (PE − ours) / (PE − oracle per-step): 1 is as good as any table can
+be, 0 no better than Polar Express, below 0 worse.
 
     python benchmarks/precision_ceiling.py --shapes 2048x8192,4096x11008 --record
+    python benchmarks/precision_ceiling.py --set independent --table qwen2.5-0.5b --shapes 896x4864
     python benchmarks/precision_ceiling.py --shapes 64x256 --count 2 --steps 20 --iterations 5
 """
 
@@ -20,7 +25,14 @@ import sys
 from pathlib import Path
 
 import torch
-from precision import HELD_OUT_SEED, held_out_corpus, held_out_samples
+from precision import (
+    HELD_OUT_SEED,
+    INDEPENDENT_COUNT,
+    MISSING,
+    held_out_corpus,
+    held_out_samples,
+    independent_samples,
+)
 from results import publish
 
 from calibrate.cli import default_cache_dir
@@ -34,8 +46,16 @@ from root_core import load_table
 CLIP_QUANTILE = 0.9  # what ROOT and the bundled tables use
 
 
-def ceiling_row(key, args) -> str:
-    samples = held_out_samples(key, args)
+SETS = {"held-out": held_out_samples, "independent": independent_samples}
+
+
+def headroom(polar: float, ours: float, oracle: float) -> str:
+    """(PE − ours) / (PE − oracle): the share of what any table could gain over PE that ours gains."""
+    return MISSING if polar - oracle <= 0 else f"{(polar - ours) / (polar - oracle):.2f}"
+
+
+def ceiling_row(key, args, table) -> str:
+    samples = SETS[args.set](key, args)
     spectra = stack_spectra([normalized_spectrum(s.matrix, clip_quantile=CLIP_QUANTILE) for s in samples])
     polar = float(sample_errors(spectra, load_table("polar-express").schedule_for(key)).mean())
     muon = float(sample_errors(spectra, load_table("muon").schedule_for(key)).mean())
@@ -44,12 +64,18 @@ def ceiling_row(key, args) -> str:
         settings = FitSettings(form=form, iterations=args.iterations, max_gain=args.max_gain)
         oracle[form] = float(sample_errors(spectra, fit(spectra, settings).schedule).mean())
     reachable = "yes" if oracle["per-step"] <= polar / 2 else "**no**"
-    print(f"{format_shape(key)}: {len(samples)} held-out matrices", flush=True)
-    return (
+    print(f"{format_shape(key)}: {len(samples)} {args.set} matrices", flush=True)
+    row = (
         f"| {format_shape(key)} | {len(samples)} | {polar:.4f} | {oracle['per-step']:.4f} "
         f"({oracle['per-step'] / polar:.2f}×) | {reachable} | {muon:.4f} | {oracle['shared']:.4f} "
         f"({oracle['shared'] / muon:.2f}×) |"
     )
+    if table is None:
+        return row
+    if key not in table.shapes:
+        return row + f" {MISSING} | {MISSING} |"
+    ours = float(sample_errors(spectra, table.schedule_for(key)).mean())
+    return row + f" {ours:.4f} | {headroom(polar, ours, oracle['per-step'])} |"
 
 
 def main() -> None:
@@ -58,6 +84,14 @@ def main() -> None:
     )
     parser.add_argument("--shapes", required=True, help="comma-separated MxN shapes")
     parser.add_argument("--count", type=int, default=4, help="held-out matrices per shape")
+    parser.add_argument("--set", choices=tuple(SETS), default="held-out", help="which held-out momentum")
+    parser.add_argument(
+        "--independent-count",
+        type=int,
+        default=INDEPENDENT_COUNT,
+        help="matrices per shape, --set independent",
+    )
+    parser.add_argument("--table", help="a calibrated table: its error and the headroom it captures")
     parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
     parser.add_argument("--iterations", type=int, default=60, help="search generations of each fit")
     parser.add_argument("--max-gain", type=float, default=DEFAULT_MAX_GAIN)
@@ -67,22 +101,25 @@ def main() -> None:
     args = parser.parse_args()
     try:
         keys = parse_shapes(args.shapes)
-    except CalibrationError as error:
+        table = load_table(args.table) if args.table else None
+    except (CalibrationError, ValueError, LookupError) as error:
         sys.exit(f"error: {error}")
+    ours = f" {table.name}@{table.version} per shape | headroom captured |" if table else ""
     lines = [
         f"### precision_ceiling — {dt.date.today()} — cpu ({platform.machine()}, "
         f"{torch.get_num_threads()} threads) — torch {torch.__version__}",
         "",
-        f"Command: `python benchmarks/precision_ceiling.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
+        f"Command: `python benchmarks/precision_ceiling.py {shlex.join(sys.argv[1:])}`. {args.set} momentum: "
         f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}`, clipped at q={CLIP_QUANTILE}; 5 steps, "
         f"max P {args.max_gain} under the fit's {ROUNDING_MARGIN:.0%} rounding margin. Oracle = a schedule "
-        "fitted on these very matrices under the same bound: no table can do better.",
+        "fitted on these very matrices under the same bound: no table can do better. Headroom captured = "
+        "(PE − ours) / (PE − oracle per-step).",
         "",
         "| shape | matrices | Polar Express | oracle per-step (÷ PE) | ≤ ½ PE reachable? | Muon | "
-        "oracle shared (÷ Muon) |",
-        "|---|---|---|---|---|---|---|",
+        f"oracle shared (÷ Muon) |{ours}",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if table else ""),
     ]
-    lines += [ceiling_row(key, args) for key in keys]
+    lines += [ceiling_row(key, args, table) for key in keys]
     publish("\n".join(lines) + "\n", args.record)
 
 

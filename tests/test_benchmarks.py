@@ -66,6 +66,14 @@ def test_precision_benchmark_smoke(tmp_path):
     assert "| 16x48 | tiny@1 |" in out and "| 16x48 | polar-express |" in out
     assert "| 16x48 | classic |" in out and "| 16x48 | you-6step |" in out
     assert "| max P on [0,1] | max P, 2% rounding margin |" in out
+    # The independent set: 6 matrices, 2 per phase, 3 per optimizer, scored by every set.
+    assert "| shape | samples | tiny@1 | classic | muon | you-6step | polar-express | root-paper |" in out
+    for group in ("independent (6)", "independent early (2)", "independent mid (2)", "independent late (2)"):
+        assert f"| 16x48 | {group} |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 16x48 | independent muon (3) |"))
+    assert row.endswith("| — |")  # root-paper has no 16x48 entry
+    assert "| 16x48 | independent adamw (3) |" in out
+    assert "postln-muon-plain, postln-adamw-torch" in out
 
 
 @pytest.mark.slow
@@ -92,6 +100,8 @@ def test_precision_leaderboard_smoke(tmp_path):
         "8",
         "--synthetic-matrix-count",
         "0",
+        "--independent-count",
+        "2",
         "--corpus",
         str(BENCHMARKS),
         "--cache",
@@ -111,3 +121,18 @@ def test_precision_leaderboard_smoke(tmp_path):
     assert "| 16x48 | max P, 2% rounding margin |" in out
     eight = [line for line in out.splitlines() if line.startswith("| 8x32 | held-out real (2) |")]
     assert eight and eight[0].endswith("| — | — | — |")  # root-paper and both of ours: no entry
+    assert "| 8x32 | independent late (1) |" in out and "| 16x48 | independent adamw (1) |" in out
+
+
+def test_precision_refuses_a_table_calibrated_on_the_independent_probes(tmp_path):
+    table = CoefficientTable.create(
+        name="leaky",
+        default_rows=(3.4445, -4.7750, 2.0315),
+        entries={(16, 48): [(3.4445, -4.7750, 2.0315)]},
+        provenance={"harvest_probes": ["llama-muon", "postln-adamw-torch"]},
+    )
+    result = run_benchmark("precision.py", "--table", str(save_table(table, tmp_path)), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "table leaky@1 was calibrated on postln-adamw-torch: not held out"
+    )

@@ -6,7 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_benchmark
+from conftest import BENCHMARKS, run_benchmark
+
+from root_core.tables import CoefficientTable, save_table
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -31,3 +33,33 @@ def test_bad_shape_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: invalid shape '4096x': expected MxN with positive integers, e.g. 4096x11008"
     ]
+
+
+def test_headroom(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from precision_ceiling import headroom
+
+    assert headroom(0.10, 0.05, 0.00) == "0.50"  # half of what any table could gain
+    assert headroom(0.10, 0.12, 0.06) == "-0.50"  # worse than Polar Express
+    assert headroom(0.10, 0.10, 0.10) == "—"  # no headroom: the share is undefined
+
+
+@pytest.mark.slow
+def test_independent_set_and_headroom_of_a_table(tmp_path):
+    table = CoefficientTable.create(
+        name="tiny", default_rows=(3.4445, -4.7750, 2.0315), entries={(16, 48): [(3.4445, -4.7750, 2.0315)]}
+    )
+    path = save_table(table, tmp_path)
+    args = ("--shapes", "16x48,8x32", "--set", "independent", "--independent-count", "2", "--steps", "8")
+    result = run(tmp_path, *args, "--iterations", "3", "--table", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| tiny@1 per shape | headroom captured |" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 16x48 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    polar, oracle, ours = float(cells[2]), float(cells[3].split()[0]), float(cells[7])
+    assert cells[1] == "2" and ours == pytest.approx(float(cells[5]))  # the table holds Muon's triple
+    # The printed errors are rounded to 4 digits, the share is computed before rounding.
+    assert float(cells[8]) == pytest.approx((polar - ours) / (polar - oracle), rel=0.02, abs=0.01)
+    assert next(line for line in result.stdout.splitlines() if line.startswith("| 8x32 |")).endswith(
+        "| — | — |"
+    )
