@@ -1,10 +1,10 @@
 """Coefficient tables: versioned JSON files that carry Newton–Schulz rows from calibration to ROOT.
 
-The table is the only interface between the offline calibration tools and the optimizer (DESIGN.md §3),
-so it is strict. Every load validates the whole table and either returns it complete or raises one
-``TableError`` naming the file and the field. The runtime must not need jsonschema, so validation is
-written out by hand here; ``coeff_tables/schema.json`` describes the same format for other tools, and
-``tests/test_tables.py`` keeps the two in agreement.
+The table is the only interface between the offline calibration tools and the optimizer (docs/design.md),
+so it is strict. Every load validates the whole table against ``coeff_tables/schema.json`` (jsonschema),
+then checks what JSON Schema cannot say (finite numbers, min <= max, no duplicate shapes, a real date,
+the content hash), and either returns the table complete or raises one ``TableError`` naming the file
+and the field.
 
 Schema version 1, in JSON::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -60,16 +61,11 @@ MISSING_POLICIES = ("default", "error", "nearest")
 # near-ties. At 0.1, a 4x size difference weighs as much as a 1.15x aspect difference.
 NEAREST_SIZE_WEIGHT = 0.1
 
-# Python's fullmatch is used with these, so `$` cannot accept a trailing newline; schema.json uses the
-# same patterns anchored with ^...$.
+# Folder names and specs, matched with fullmatch; the table's own name is checked by schema.json.
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_CREATED = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z")
-_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.json")
 _SPEC = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[1-9][0-9]*))?")
 
-_TOP_REQUIRED = ("schema", "name", "version", "created", "normalization", "default", "entries", "provenance")
-_TOP_OPTIONAL = ("description", "content_hash")
 
 
 class TableError(ValueError):
@@ -420,7 +416,7 @@ def _hash_content(content: Mapping[str, Any]) -> str:
 
 # ---- validation ---------------------------------------------------------------------------------------
 def _is_int(value: Any) -> bool:
-    # JSON Schema counts 1.0 as an integer, so the hand validator does too; bool is never a number.
+    # JSON Schema counts 1.0 as an integer, and so does canonical_shape; bool is never a number.
     if isinstance(value, bool):
         return False
     return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
@@ -435,194 +431,172 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _where(path: Sequence[Any]) -> str:
+    """A JSON path as the messages write it: ``entries[1].coefficients[0]``."""
+    text = ""
+    for key in path:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
 
 
-class _Checker:
-    """Checks one raw table and raises ``TableError`` at the first problem, naming source and field."""
+def _fail(source: str, path: Sequence[Any] | str, problem: str) -> NoReturn:
+    where = path if isinstance(path, str) else _where(path)
+    message = f"{source}: {where}: {problem}" if where else f"{source}: {problem}"
+    raise TableError(message, source=source, field=where or None)
 
-    def __init__(self, source: str) -> None:
-        self.source = source
 
-    def fail(self, path: str, problem: str) -> NoReturn:
-        where = f"{path}: " if path else ""
-        raise TableError(f"{self.source}: {where}{problem}", source=self.source, field=path or None)
+@functools.cache
+def _schema_validator() -> Any:
+    """coeff_tables/schema.json as a jsonschema validator that also takes tuples (arrays) and Mappings
+    (objects), so a table built in Python is checked as is, not after a conversion that could hide a bug."""
+    import jsonschema  # imported here: loading a table pays for it, importing root_core does not
 
-    def fields(self, value: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()) -> Mapping:
-        if not isinstance(value, Mapping):
-            self.fail(path, f"expected an object, got {_show(value)}")
-        for key in value:
-            if key not in required and key not in optional:
-                allowed = ", ".join([*required, *optional])
-                self.fail(_join(path, str(key)), f"unknown field (allowed: {allowed})")
-        for key in required:
-            if key not in value:
-                self.fail(_join(path, key), "required field is missing")
-        return value
+    schema = json.loads((BUNDLED_TABLES_DIR / "schema.json").read_text(encoding="utf-8"))
+    base = jsonschema.Draft202012Validator
+    types = base.TYPE_CHECKER.redefine_many(
+        {
+            "array": lambda _, value: isinstance(value, (list, tuple)),
+            "object": lambda _, value: isinstance(value, Mapping),
+        }
+    )
+    return jsonschema.validators.extend(base, type_checker=types)(schema)
 
-    def integer(self, value: Any, path: str, minimum: int) -> int:
-        if not _is_int(value):
-            self.fail(path, f"expected an integer, got {_show(value)}")
-        if value < minimum:
-            self.fail(path, f"expected an integer >= {minimum}, got {_show(value)}")
-        return int(value)
 
-    def number(self, value: Any, path: str) -> float:
-        if not _is_number(value):
-            self.fail(path, f"expected a number, got {_show(value)}")
-        if not math.isfinite(value):
-            self.fail(path, f"expected a finite number, got {_show(value)}")
-        return float(value)
+_ARTICLE = {"integer": "an integer", "number": "a number", "string": "a string", "array": "an array"}
 
-    def string(self, value: Any, path: str) -> str:
-        if not isinstance(value, str):
-            self.fail(path, f"expected a string, got {_show(value)}")
-        return value
 
-    def array(self, value: Any, path: str) -> Sequence:
-        if not isinstance(value, (list, tuple)):
-            self.fail(path, f"expected an array, got {_show(value)}")
-        return value
+def _schema_problem(error: Any) -> tuple[list[Any], str]:
+    """(path, message) for one jsonschema error; the schema's ``errorMessage`` wins where it has one."""
+    path, value, kind = list(error.absolute_path), error.instance, error.validator
+    custom = error.schema.get("errorMessage", {}).get(kind) if isinstance(error.schema, Mapping) else None
+    if custom:
+        count = len(value) if isinstance(value, (list, tuple)) else _show(value)
+        return path, custom.format(value=_show(value), count=count)
+    if kind == "required":
+        missing = next(key for key in error.validator_value if key not in value)
+        return [*path, missing], "required field is missing"
+    if kind == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extra = next(key for key in value if key not in allowed)
+        return [*path, extra], f"unknown field (allowed: {', '.join(allowed)})"
+    if kind == "type":
+        return path, f"expected {_ARTICLE.get(error.validator_value, 'an object')}, got {_show(value)}"
+    if kind in ("minimum", "exclusiveMinimum"):
+        what = _ARTICLE.get(error.schema.get("type"), "a number")
+        bound = f"{'>=' if kind == 'minimum' else '>'} {error.validator_value}"
+        return path, f"expected {what} {bound}, got {value}"
+    return path, error.message  # a rule without a message of its own: jsonschema's words
 
-    def rows(self, value: Any, path: str) -> tuple[Row, ...]:
-        if not self.array(value, path):
-            self.fail(path, "expected at least one [a, b, c] row, got none")
-        rows = []
-        for index, row in enumerate(value):
-            where = f"{path}[{index}]"
-            if not isinstance(row, (list, tuple)) or len(row) != 3:
-                got = f"{len(row)}" if isinstance(row, (list, tuple)) else _show(row)
-                self.fail(where, f"expected 3 numbers [a, b, c], got {got}")
-            rows.append(tuple(self.number(v, f"{where}[{i}]") for i, v in enumerate(row)))
-        return tuple(rows)
 
-    def json_value(self, value: Any, path: str) -> Any:
-        """A deep copy of free-form JSON data (metrics, provenance); numbers must be finite."""
-        if value is None or isinstance(value, (str, bool)):
-            return value
-        if _is_number(value):
-            if not math.isfinite(value):
-                self.fail(path, f"expected a finite number, got {_show(value)}")
-            return int(value) if isinstance(value, numbers.Integral) else float(value)
-        if isinstance(value, (list, tuple)):
-            return [self.json_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
-        if isinstance(value, Mapping):
-            return self.json_object(value, path)
-        self.fail(
-            path, f"expected JSON data (string, number, boolean, null, array, object), got {_show(value)}"
+def _validate(raw: Any, source: str) -> None:
+    """Check ``raw`` against schema.json, then what JSON Schema cannot say; raise the first problem."""
+    # The schema version first: a newer table fails on its version, not on the fields it added.
+    if isinstance(raw, Mapping) and "schema" in raw and _is_int(raw["schema"]) and raw["schema"] != 1:
+        _fail(
+            source, "schema", f"unsupported schema version {raw['schema']}; this root_core reads version 1"
         )
+    errors = list(_schema_validator().iter_errors(raw))
+    if errors:
+        _fail(source, *_schema_problem(min(errors, key=_document_order)))
+    _check_json_values(raw, [], source)
+    _check_created(raw["created"], source)
+    seen: dict[tuple[int, int], int] = {}
+    for index, entry in enumerate(raw["entries"]):
+        low, high = (int(v) for v in entry["shape"])
+        if low > high:
+            _fail(
+                source,
+                ["entries", index, "shape"],
+                f"expected [min, max] with min <= max, got {[low, high]}; write the smaller side first",
+            )
+        if (low, high) in seen:
+            _fail(
+                source,
+                ["entries", index, "shape"],
+                f"duplicate shape {[low, high]} (also entries[{seen[low, high]}])",
+            )
+        seen[low, high] = index
 
-    def json_object(self, value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, Mapping):
-            self.fail(path, f"expected an object, got {_show(value)}")
-        for key in value:
+
+def _document_order(error: Any) -> tuple[int, list[str]]:
+    """Report problems of the whole table first, then field by field in the schema's order."""
+    path = list(error.absolute_path)
+    fields = list(_schema_validator().schema["properties"])
+    rank = 1 + fields.index(path[0]) if path and path[0] in fields else 0
+    return rank, [str(key) for key in path]
+
+
+def _check_json_values(value: Any, path: list[Any], source: str) -> None:
+    """Free-form parts (metrics, provenance) must be JSON too, and every number finite."""
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if _is_number(value):
+        if not math.isfinite(value):
+            _fail(source, path, f"expected a finite number, got {_show(value)}")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_json_values(item, [*path, index], source)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
             if not isinstance(key, str):
-                self.fail(path, f"object keys must be strings, got {_show(key)}")
-        return {key: self.json_value(item, _join(path, key)) for key, item in value.items()}
+                _fail(source, path, f"object keys must be strings, got {_show(key)}")
+            _check_json_values(item, [*path, key], source)
+        return
+    kinds = "string, number, boolean, null, array, object"
+    _fail(source, path, f"expected JSON data ({kinds}), got {_show(value)}")
+
+
+def _check_created(text: str, source: str) -> None:
+    try:
+        datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        _fail(source, "created", f"not a real date and time, got {text!r}")
 
 
 def _parse_table(raw: Any, source: str) -> tuple[dict[str, Any], str | None]:
     """Validate a raw table; return the constructor's fields (normalised) and the stored hash, if any."""
-    check = _Checker(source)
-    if not isinstance(raw, Mapping):
-        check.fail("", f"expected a JSON object at the top level, got {_show(raw)}")
-    # The schema version first: a newer table fails on its version, not on the fields it added.
-    if "schema" not in raw:
-        check.fail("schema", "required field is missing")
-    schema = check.integer(raw["schema"], "schema", minimum=1)
-    if schema != SCHEMA_VERSION:
-        check.fail(
-            "schema", f"unsupported schema version {schema}; this root_core reads version {SCHEMA_VERSION}"
+    _validate(raw, source)
+    norm = raw["normalization"]
+    default = raw["default"]
+    fields: dict[str, Any] = {
+        "schema": int(raw["schema"]),
+        "name": raw["name"],
+        "version": int(raw["version"]),
+        "created": raw["created"],
+        "description": raw.get("description"),
+        "normalization": Normalization(kind=norm["kind"], scale=float(norm["scale"]), eps=float(norm["eps"])),
+        "default": _rows(default["coefficients"]),
+        "default_steps": int(default["steps"]) if "steps" in default else None,
+        "provenance": _copy_json(raw["provenance"]),
+    }
+    entries = [
+        TableEntry(
+            shape=(int(item["shape"][0]), int(item["shape"][1])),
+            coefficients=_rows(item["coefficients"]),
+            steps=int(item["steps"]) if "steps" in item else None,
+            metrics=_copy_json(item.get("metrics", {})),
         )
-    check.fields(raw, "", _TOP_REQUIRED, _TOP_OPTIONAL)
-    name = check.string(raw["name"], "name")
-    if not _NAME.fullmatch(name):
-        check.fail("name", f"expected a lowercase slug matching [a-z0-9][a-z0-9._-]*, got {name!r}")
-    stored_hash = None
-    if "content_hash" in raw:
-        stored_hash = check.string(raw["content_hash"], "content_hash")
-        if not _HASH.fullmatch(stored_hash):
-            check.fail("content_hash", f"expected 'sha256:' and 64 lowercase hex digits, got {stored_hash!r}")
-    fields: dict[str, Any] = {"schema": schema, "name": name}
-    fields["version"] = check.integer(raw["version"], "version", minimum=1)
-    fields["created"] = _parse_created(check, raw["created"])
-    fields["description"] = check.string(raw["description"], "description") if "description" in raw else None
-    fields["normalization"] = _parse_normalization(check, raw["normalization"])
-    default = check.fields(raw["default"], "default", ("coefficients",), ("steps",))
-    fields["default"] = check.rows(default["coefficients"], "default.coefficients")
-    fields["default_steps"] = _parse_steps(check, default, "default")
-    fields["entries"] = _parse_entries(check, raw["entries"])
-    fields["provenance"] = check.json_object(raw["provenance"], "provenance")
-    return fields, stored_hash
-
-
-def _parse_created(check: _Checker, value: Any) -> str:
-    text = check.string(value, "created")
-    problem = None
-    if not _CREATED.fullmatch(text):
-        problem = "expected an ISO-8601 UTC time like '2026-11-23T00:00:00Z'"
-    else:
-        try:
-            datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
-        except ValueError:
-            problem = "not a real date and time"
-    if problem:
-        check.fail("created", f"{problem}, got {text!r}")
-    return text
-
-
-def _parse_normalization(check: _Checker, value: Any) -> Normalization:
-    norm = check.fields(value, "normalization", ("kind", "scale", "eps"))
-    if norm["kind"] != "frobenius":
-        check.fail(
-            "normalization.kind",
-            f"expected 'frobenius' (the only kind in schema 1), got {_show(norm['kind'])}",
-        )
-    scale = check.number(norm["scale"], "normalization.scale")
-    if scale <= 0:
-        check.fail("normalization.scale", f"expected a number > 0, got {_show(norm['scale'])}")
-    eps = check.number(norm["eps"], "normalization.eps")
-    if eps < 0:
-        check.fail("normalization.eps", f"expected a number >= 0, got {_show(norm['eps'])}")
-    return Normalization(kind="frobenius", scale=scale, eps=eps)
-
-
-def _parse_steps(check: _Checker, block: Mapping, path: str) -> int | None:
-    return check.integer(block["steps"], f"{path}.steps", minimum=1) if "steps" in block else None
-
-
-def _parse_entries(check: _Checker, value: Any) -> tuple[TableEntry, ...]:
-    entries: dict[tuple[int, int], TableEntry] = {}
-    first_index: dict[tuple[int, int], int] = {}
-    for index, item in enumerate(check.array(value, "entries")):
-        path = f"entries[{index}]"
-        item = check.fields(item, path, ("shape", "coefficients"), ("steps", "metrics"))
-        shape = check.array(item["shape"], f"{path}.shape")
-        if len(shape) != 2:
-            check.fail(f"{path}.shape", f"expected [min, max], got {_show(shape)}")
-        key = tuple(check.integer(v, f"{path}.shape[{i}]", minimum=1) for i, v in enumerate(shape))
-        if key[0] > key[1]:
-            check.fail(
-                f"{path}.shape",
-                f"expected [min, max] with min <= max, got {list(key)}; write the smaller side first",
-            )
-        if key in entries:
-            check.fail(f"{path}.shape", f"duplicate shape {list(key)} (also entries[{first_index[key]}])")
-        rows = check.rows(item["coefficients"], f"{path}.coefficients")
-        steps = _parse_steps(check, item, path)
-        metrics = check.json_object(item["metrics"], f"{path}.metrics") if "metrics" in item else {}
-        entries[key] = TableEntry(shape=key, coefficients=rows, steps=steps, metrics=metrics)
-        first_index[key] = index
+        for item in raw["entries"]
+    ]
     # Sorted, so two tables with the same numbers have the same hash whatever order they were listed in.
-    return tuple(entries[key] for key in sorted(entries))
+    fields["entries"] = tuple(sorted(entries, key=lambda entry: entry.shape))
+    return fields, raw.get("content_hash")
+
+
+def _rows(rows: Sequence[Sequence[float]]) -> tuple[Row, ...]:
+    return tuple((float(a), float(b), float(c)) for a, b, c in rows)
 
 
 def _copy_json(value: Any) -> Any:
+    """A deep copy of validated JSON data, with numbers as Python ints and floats."""
     if isinstance(value, Mapping):
         return {key: _copy_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_copy_json(item) for item in value]
+    if _is_number(value):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
     return value
 
 

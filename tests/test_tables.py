@@ -335,7 +335,7 @@ def test_constructor_validates_too():
         CoefficientTable(name="flat", version=1, default=MUON)  # a bare triple, not a list of rows
 
 
-# ---- hand validation agrees with schema.json -------------------------------------------------------------
+# ---- schema.json is what validates ----------------------------------------------------------------------
 GOOD = [
     small_table(),
     small_table(entries=[], description="no entries", content_hash="sha256:" + "0" * 64),
@@ -366,7 +366,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("data", GOOD)
-def test_schema_and_hand_validation_accept_the_same_good_tables(data, schema):
+def test_schema_and_loader_accept_the_same_good_tables(data, schema):
     jsonschema.validate(data, schema)
     if "content_hash" in data:  # a placeholder hash is valid syntax but does not match
         data = {key: value for key, value in data.items() if key != "content_hash"}
@@ -374,7 +374,7 @@ def test_schema_and_hand_validation_accept_the_same_good_tables(data, schema):
 
 
 @pytest.mark.parametrize("data", BAD, ids=range(len(BAD)))
-def test_schema_and_hand_validation_reject_the_same_bad_tables(data, schema):
+def test_schema_and_loader_reject_the_same_bad_tables(data, schema):
     assert not jsonschema.Draft202012Validator(schema).is_valid(data)
     with pytest.raises(TableError):
         CoefficientTable.from_dict(data)
@@ -467,3 +467,24 @@ def test_tables_are_immutable_and_independent_of_their_input():
         table.name = "other"
     assert copy.deepcopy(table) == table
     assert hash(table) == hash(CoefficientTable.from_dict(small_table()))
+
+
+def test_tables_are_validated_with_schema_json(monkeypatch):
+    # A rule that exists only in the schema (here: a made-up name length limit) is enforced by the loader.
+    import jsonschema
+
+    strict = copy.deepcopy(tables_module._schema_validator().schema)
+    strict["properties"]["name"]["maxLength"] = 3
+    monkeypatch.setattr(tables_module, "_schema_validator", lambda: jsonschema.Draft202012Validator(strict))
+    with raises(TableError, "<dict>: name: 'tiny' is too long"):
+        CoefficientTable.from_dict(small_table())
+
+
+@pytest.mark.parametrize("field", ["name", "created", "content_hash"])
+def test_patterns_refuse_a_trailing_newline(field, schema):
+    # Python's re.search lets `$` match before a final newline; the schema's `$(?!\n)` does not.
+    data = CoefficientTable.from_dict(small_table()).to_dict()
+    data[field] += "\n"
+    assert not jsonschema.Draft202012Validator(schema).is_valid(data)
+    with raises(TableError, f"<dict>: {field}: expected"):
+        CoefficientTable.from_dict(data)
