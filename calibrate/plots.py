@@ -8,10 +8,8 @@ function draws into a figure from :func:`new_figure` and returns the DataFrame i
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from root_core.files import write_atomically
 
 from .errors import CalibrationError
 from .precision import (
@@ -59,6 +59,10 @@ PLOT_SAMPLES_NOTE = (
 X_NAMES = {"steps": "step", "train_step": "training step"}
 ERROR_LABEL = "relative error ‖NS(G) − UVᵀ‖_F / ‖UVᵀ‖_F (dimensionless, log scale)"
 SIGMA_LABEL = "normalised singular value σ = σᵢ(G) / ‖G‖_F (log scale)"
+# The transfer figure's P axis ends this far above the largest bound, so the bound line is visible.
+TRANSFER_HEADROOM = 1.05
+# The transfer figure's σ axis starts at the decade where a curve has risen this far (or a sample sits).
+P_VISIBLE = 0.05
 
 
 def new_figure() -> Figure:
@@ -156,24 +160,38 @@ def _error_axis(ax: Axes, drawn: pd.DataFrame, x: str, columns: list[str]) -> No
 
 def plot_transfer(fig: Figure, analysis: Analysis, shape: ShapeKey) -> pd.DataFrame:
     """P(σ) per table on a log-σ axis with the target 1 and the calibration bound; below it, where the
-    samples' singular values sit."""
+    samples' singular values sit. P is linear from 0 to just above the bound (a log P axis made curves
+    that wiggle around 1 unreadable), and the legend sits outside the axes, so it hides no curve or bound."""
     drawn = transfer_frame(analysis, shape)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     colors = _colors(analysis)
     for label, rows in drawn.groupby("table", sort=False):
         steps = int(rows["steps"].iloc[0])
-        top.plot(rows["sigma"], rows["P"], color=colors[label], label=f"{label}, {steps} steps", lw=1.3)
+        top.plot(rows["sigma"], rows["P"], color=colors[label], label=f"{label}, {steps} steps", lw=1.1)
     top.axhline(1.0, color="k", ls=":", lw=1.2, label="target P(σ) = 1 (exact polar factor)")
     _bounds(top, drawn)
+    sigma = singular_values(analysis, shape)
     top.set_xscale("log")
-    top.set_xlim(TRANSFER_SIGMA_MIN, 1.0)
-    top.set_ylim(*_transfer_ylim(drawn))
+    top.set_xlim(_sigma_axis_start(drawn, sigma), 1.0)
+    _transfer_ylim(top, drawn)
     top.set_ylabel("composed polynomial P(σ) (dimensionless)")
     top.grid(True, which="major", alpha=0.3)
-    top.legend(loc="upper left", fontsize=8)
-    _histogram(bottom, singular_values(analysis, shape))
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    _histogram(bottom, sigma)
     _finish(fig, "Transfer curve σ ↦ P(σ) and the samples' spectrum", analysis, shape)
     return drawn
+
+
+def _sigma_axis_start(drawn: pd.DataFrame, sigma: np.ndarray) -> float:
+    """The decade below both the smallest sample σ and the σ where some P first reaches P_VISIBLE: the
+    decades left of it hold only flat zero curves and no samples, and would squeeze the rest."""
+    risen = drawn.loc[drawn["P"] >= P_VISIBLE, "sigma"]
+    positive = sigma[sigma > 0]
+    candidates = [float(risen.min())] if not risen.empty else []
+    candidates += [float(positive.min())] if positive.size else []
+    if not candidates:
+        return TRANSFER_SIGMA_MIN
+    return max(TRANSFER_SIGMA_MIN, 10.0 ** math.floor(math.log10(min(candidates))))
 
 
 def _bounds(ax: Axes, drawn: pd.DataFrame) -> None:
@@ -184,10 +202,15 @@ def _bounds(ax: Axes, drawn: pd.DataFrame) -> None:
         ax.axhline(gain, color="firebrick", ls="--", lw=1.0, label=f"bound max_gain = {gain:g}{whose}")
 
 
-def _transfer_ylim(drawn: pd.DataFrame) -> tuple[float, float]:
-    """From 0 to a bit above the largest of the bound and P: spikes stay visible, flat curves readable."""
-    top = max(float(drawn["P"].max()), float(drawn["max_gain"].max()))
-    return min(0.0, float(drawn["P"].min())), 1.08 * top
+def _transfer_ylim(ax: Axes, drawn: pd.DataFrame) -> None:
+    """Linear P from 0 to just above the largest bound, so curves near 1 stay readable; a table whose P
+    runs above that is named in the title with its maximum, never silently cut."""
+    top = TRANSFER_HEADROOM * float(drawn["max_gain"].max())
+    ax.set_ylim(min(0.0, float(drawn["P"].min())), top)
+    peaks = drawn.groupby("table", sort=False)["P"].max()
+    off = [f"{label} (up to {peak:.3g})" for label, peak in peaks.items() if peak > top]
+    if off:
+        ax.set_title(f"off scale (P > {top:.3g}): " + "; ".join(off), fontsize=8, color="firebrick")
 
 
 def _histogram(ax: Axes, sigma: np.ndarray) -> None:
@@ -237,39 +260,20 @@ def figure_path(out: Path, shape: ShapeKey, kind: str, fmt: str) -> Path:
 
 
 def write_figures(analysis: Analysis, out: Path, fmt: str = "png") -> list[Path]:
-    """Render every figure to a temporary file first, then rename them all: a failure leaves nothing."""
+    """Render every figure in memory first, then write each atomically: a failed render writes nothing."""
     if fmt not in FORMATS:
         raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(FORMATS)}")
-    made = not out.exists()
+    pending: list[tuple[Path, bytes]] = []
+    for item in analysis.shapes:
+        for kind in figure_kinds(analysis, item.shape):
+            fig = new_figure()
+            PLOTTERS[kind](fig, analysis, item.shape)
+            pending.append((figure_path(out, item.shape, kind, fmt), _render(fig, fmt)))
     out.mkdir(parents=True, exist_ok=True)
-    pending: list[tuple[str, Path]] = []
-    try:
-        for item in analysis.shapes:
-            for kind in figure_kinds(analysis, item.shape):
-                fig = new_figure()
-                PLOTTERS[kind](fig, analysis, item.shape)
-                pending.append((_render(fig, out, fmt), figure_path(out, item.shape, kind, fmt)))
-    except BaseException:
-        _discard(temp for temp, _ in pending)
-        if made:
-            out.rmdir()
-        raise
-    for temp, target in pending:
-        os.replace(temp, target)
-    return [target for _, target in pending]
+    return [write_atomically(target, image) for target, image in pending]
 
 
-def _render(fig: Figure, out: Path, fmt: str) -> str:
-    handle, temp = tempfile.mkstemp(dir=out, prefix=".precision-", suffix=f".{fmt}.tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format=fmt, dpi=DPI)
-    except BaseException:
-        _discard([temp])
-        raise
-    return temp
-
-
-def _discard(paths: Iterable[str]) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+def _render(fig: Figure, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=DPI)
+    return buffer.getvalue()

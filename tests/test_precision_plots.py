@@ -11,6 +11,7 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from typer.testing import CliRunner
 
 from calibrate import plots, precision
@@ -276,3 +277,18 @@ def test_help_shows_examples():
         result = invoke([command, "--help"])
         assert result.exit_code == 0, result.output
         assert f"root-calibrate {command}" in result.output or "ROOT_COEFF_TABLES" in result.output
+
+
+def test_transfer_legend_sits_outside_the_axes_and_p_is_clipped_above_the_bound(spiky_table):
+    analysis = precision.analyse([str(spiky_table)], against=["muon"], shapes=SHAPE_TEXT, count=2)
+    fig = plots.new_figure()
+    plots.plot_transfer(fig, analysis, SHAPE)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    top = fig.axes[0]
+    # The legend never hides a curve or the bound line: it is beside the axes, not on them.
+    assert not top.get_legend().get_window_extent(renderer).overlaps(top.get_window_extent(renderer))
+    # Linear P up to just above the bound (the spiky table's max_gain, 1.3); its 3.3 spike is named.
+    assert top.get_yscale() == "linear"
+    assert top.get_ylim()[1] == pytest.approx(plots.TRANSFER_HEADROOM * 1.3)
+    assert top.get_title().startswith("off scale (P > 1.37): spiky@1 (up to 3.")
