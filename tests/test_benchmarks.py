@@ -67,7 +67,7 @@ def test_precision_benchmark_smoke(tmp_path):
     assert "| 16x48 | classic |" in out and "| 16x48 | you-6step |" in out
     assert "| max P on [0,1] | max P, 2% rounding margin |" in out
     # The independent set: 6 matrices, 2 per phase, 3 per optimizer, scored by every set.
-    assert "| shape | samples | tiny@1 | classic | muon | you-6step | polar-express | root-paper |" in out
+    assert "| shape | samples | tiny@1 | muon | polar-express | root-paper | you-6step | classic |" in out
     for group in ("independent (6)", "independent early (2)", "independent mid (2)", "independent late (2)"):
         assert f"| 16x48 | {group} |" in out
     row = next(line for line in out.splitlines() if line.startswith("| 16x48 | independent muon (3) |"))
@@ -109,7 +109,7 @@ def test_precision_leaderboard_smoke(tmp_path):
         tmp_path=tmp_path,
     )
     header = (
-        "| shape | samples | classic | muon | you-6step | polar-express | root-paper | ours shared |"
+        "| shape | samples | muon | polar-express | root-paper | you-6step | classic | ours shared |"
         " ours per-step |"
     )
     assert out.count(header) == 2  # float64 spectral and bf16 matrix
@@ -136,3 +136,16 @@ def test_precision_refuses_a_table_calibrated_on_the_independent_probes(tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         "table leaky@1 was calibrated on postln-adamw-torch: not held out"
     )
+
+
+@pytest.mark.slow
+def test_harvest_tails_smoke(tmp_path):
+    out = run_script(
+        "harvest_tails.py", "--shapes", "16x48", "--steps", "8", "--probes", "gpt-adamw", tmp_path=tmp_path
+    )
+    assert (
+        "| shape | probe | phase | step / run | layer | σ < 1e-3 σ_max | σ < 1e-2 σ_max | σ_min/σ_max |"
+        in out
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 16x48 | gpt-adamw |")]
+    assert [row.split(" | ")[2:4] for row in rows] == [["early", "3/8"], ["mid", "4/8"], ["late", "8/8"]]
