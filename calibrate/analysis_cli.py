@@ -1,4 +1,4 @@
-"""``root-calibrate plot | report | show | list``: precision against the SVD, registered on ``cli.app``.
+"""``root-calibrate plot | report | show | list``: precision against the SVD, registered on ``app.app``.
 
 Thin commands over ``precision`` (the numbers), ``plots`` and ``report``; every domain error is one line
 and exit code 1, checked before any sample is drawn, and figures are written only once all are drawn.
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, check_out_dir, err, fail, out, resolve_device
+from .app import app, check_out_dir, err, fail, out, resolve_device
 from .errors import CalibrationError
 from .precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
 from .progress import stages

@@ -7,20 +7,18 @@ have been checked, and the table is written once, atomically, at the very end.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from root_core.tables import TableError, table_spec_for, user_tables_dir
 
 from . import ranks
+from .app import EXAMPLES, app, check_out_dir, err, fail, out, print_error, resolve_device
 from .errors import CalibrationError
 from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
 from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
@@ -32,42 +30,11 @@ from .sampling.real import validate_real_paths
 from .sampling.synthetic import FAMILIES
 from .shapes import format_shape, parse_shapes, resolve_shapes
 
-EXAMPLES = """
-Examples:
-
-  root-calibrate --shapes 4096x11008 --ratio 1:3
-
-  root-calibrate --arch llama-3.2-1b --name llama-3.2-1b --samples 24
-
-  root-calibrate --config path/to/config.json --real momentum/ --out my_tables/
-
-  root-calibrate harvest --shapes 1024x4096 --count 8 --out harvest.safetensors
-"""
 PROBES_HELP = (
     "Harvester probes, FAMILY-OPTIMIZER, comma-separated; samples cycle through them. Default: "
     + ",".join(DEFAULT_PROBES)
 )
 SUBCOMMANDS = ("calibrate", "harvest", "plot", "report", "show", "list")
-
-app = typer.Typer(
-    name="root-calibrate",
-    help="Calibrate Newton–Schulz coefficients per matrix shape and write versioned tables for ROOT."
-    + EXAMPLES,
-    add_completion=False,
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
-err = Console(stderr=True)
-out = Console()
-
-
-def print_error(message: str) -> None:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-def fail(message: str) -> None:
-    print_error(message)
-    raise typer.Exit(1)
 
 
 def parse_clip(text: str) -> float | None:
@@ -93,20 +60,6 @@ def parse_families(text: str | None) -> tuple[str, ...] | None:
                 f"invalid --families '{text}': unknown family {name!r}; choose from {', '.join(FAMILIES)}"
             )
     return names
-
-
-def check_out_dir(directory: Path) -> None:
-    """Fail now, not after an hour of work, if the table cannot be written; leave nothing behind."""
-    probe = directory
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CalibrationError(f"cannot write to --out '{directory}': {probe} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as error:
-        raise CalibrationError(f"cannot write to --out '{directory}': {error.strerror or error}") from None
 
 
 @app.command("calibrate", epilog=EXAMPLES)
@@ -297,27 +250,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "root-calibrate"
 
 
-def resolve_device(device: str) -> str:
-    """--device as this process computes on it: under torchrun, the rank's own GPU (ranks.rank_device)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise CalibrationError(f"invalid --device '{device}': expected auto, cpu, cuda or cuda:N")
-    place = ranks.launch()
-    resolved = ranks.rank_device(device, place)
-    if resolved.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CalibrationError(f"invalid --device '{device}': CUDA is not available on this machine")
-        if place.world > 1 and place.local_rank >= torch.cuda.device_count():
-            raise CalibrationError(
-                f"invalid --device '{device}': LOCAL_RANK {place.local_rank} has no GPU of its own, this "
-                f"machine has {torch.cuda.device_count()}; start at most that many ranks per node"
-            )
-    return resolved
-
-
 def fallback_warnings(request: CalibrationRequest, results: list[ShapeResult]) -> list[str]:
     """One line per shape whose real samples were (partly) harvested although --real was given."""
     if not request.real:
@@ -392,6 +324,8 @@ def main() -> None:
     app(args=with_default_command(sys.argv[1:]), prog_name="root-calibrate")
 
 
+# Registers plot, report, show and list on app after calibrate and harvest, so --help lists them in that
+# order; analysis_cli imports app.py, never this module, so this is no import cycle.
 from . import analysis_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
