@@ -15,7 +15,7 @@ real matrices (and ``--synthetic-matrix-count`` per synthetic family).
 
 Two outputs. The default lists, per shape, every calibrated table and baseline on held-out real
 momentum. ``--leaderboard`` adds one row per synthetic family and lays the sets out side by side:
-classic, Muon, You 6-step, Polar Express, ROOT paper, ours shared and ours per-step (the first
+Muon, Polar Express, ROOT paper, You 6-step, classic, ours shared and ours per-step (the first
 ``--table`` of that form that lists the shape; "—" where none does, never a silent default).
 
     python benchmarks/precision.py --table llama-3.2-1b --table llama-3.2-1b-shared --record
@@ -52,10 +52,10 @@ from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table
 from root_core.schedule import Schedule
-from root_core.tables import CoefficientTable
+from root_core.tables import PUBLISHED_TABLES, CoefficientTable
 
-# The published sets (DESIGN.md §2), weakest first; root-paper only where it published the shape.
-BASELINES = ("classic", "muon", "you-6step", "polar-express", "root-paper")
+# The published sets; root-paper only where it published the shape.
+BASELINES = PUBLISHED_TABLES
 OURS_SHARED, OURS_PER_STEP = "ours shared", "ours per-step"
 COLUMNS = (*BASELINES, OURS_SHARED, OURS_PER_STEP)
 HELD_OUT_SEED = 1  # calibration harvests with seed 0

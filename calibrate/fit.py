@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from root_core.schedule import Schedule
-from root_core.tables import load_table
+from root_core.tables import PUBLISHED_TABLES, load_table
 
 from .errors import CalibrationError
 from .objective import (
@@ -61,8 +61,6 @@ SEARCH_POINTS = 512
 # Nelder–Mead evaluations per search iteration: 200 iterations give 20k, enough to settle 15 digits-worth
 # of parameters, while a quick 5-iteration run stays quick.
 POLISH_EVALUATIONS_PER_ITERATION = 100
-# Published sets used as start points (bundled baseline tables); see coeff_tables/*/v1.json.
-START_TABLES = ("muon", "polar-express", "root-paper", "you-6step", "classic")
 # Attempts at opening an optuna storage that other workers are creating at the same moment.
 STORAGE_ATTEMPTS = 5
 
@@ -137,7 +135,7 @@ def compress(spectra: Tensor, points: int = SEARCH_POINTS) -> Tensor:
 def start_schedules(steps: int, shared: bool) -> dict[str, Schedule]:
     """Published sets as unscaled schedules of the requested form; the scale is folded into row 1."""
     starts: dict[str, Schedule] = {}
-    for name in START_TABLES:
+    for name in PUBLISHED_TABLES:  # every published set is a start point
         table = load_table(name)
         candidates = {name: table.default_schedule}
         candidates.update({f"{name}:{m}x{n}": table.schedule_for((m, n)) for m, n in table.shapes})

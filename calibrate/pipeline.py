@@ -16,7 +16,7 @@ from torch import Tensor
 
 import calibrate
 from root_core.schedule import Schedule
-from root_core.tables import CoefficientTable, load_table, next_version, save_table
+from root_core.tables import BASELINE_TABLES, CoefficientTable, load_table, next_version, save_table
 
 from .determinism import deterministic
 from .errors import CalibrationError
@@ -34,8 +34,6 @@ from .shapes import LayerShape, format_shape
 from .spectra import SpectrumCache
 
 ShapeKey = tuple[int, int]
-# Baselines every calibrated shape is compared with (bundled tables, DESIGN.md §2).
-BASELINES = ("muon", "polar-express", "root-paper")
 # The default rows of a calibrated table, for shapes it does not list: Muon's triple, the ROOT
 # reference's own fallback (DESIGN.md §2).
 DEFAULT_ROWS = load_table("muon").default_schedule.rows
@@ -404,7 +402,7 @@ def tail_record(calibration_spectra: Tensor) -> dict:
 def baseline_schedules(key: ShapeKey) -> dict[str, Schedule]:
     """Muon and Polar Express everywhere; the ROOT paper only where it published the shape."""
     schedules = {}
-    for name in BASELINES:
+    for name in BASELINE_TABLES:
         table = load_table(name)
         if table.entries and key not in table.shapes:
             continue

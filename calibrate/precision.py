@@ -24,7 +24,13 @@ from torch import Tensor
 from root_core.newton_schulz import newton_schulz, orthogonalize
 from root_core.schedule import Schedule
 from root_core.spectral import compose, composition_range
-from root_core.tables import CoefficientTable, TableError, TableNotFoundError, load_table
+from root_core.tables import (
+    BASELINE_TABLES,
+    CoefficientTable,
+    TableError,
+    TableNotFoundError,
+    load_table,
+)
 
 from .errors import CalibrationError
 from .evaluate import polar_factor, relative_matrix_error
@@ -41,7 +47,7 @@ Advance = Callable[[int], None]
 
 # Steps 1…10: past Muon's 5 and Polar Express's 5, far enough to see a set converge, stall or blow up.
 MAX_STEPS = 10
-DEFAULT_BASELINES = ("muon", "polar-express", "root-paper")
+DEFAULT_BASELINES = BASELINE_TABLES
 # ROOT's default outlier_quantile; used when a table does not record the quantile it was calibrated at.
 DEFAULT_CLIP_QUANTILE = 0.9
 SAMPLE_SOURCES = ("synthetic", "harvest")

@@ -8,14 +8,13 @@ the sample clipped at the optimizer's quantile, divided by its Frobenius norm.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from root_core.files import write_atomically
 from root_core.outliers import clip_to_quantile
 
 from .determinism import deterministic
@@ -82,11 +81,4 @@ class SpectrumCache:
 
     def _write(self, path: Path, values: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, values)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda stream: np.save(stream, values))

@@ -31,7 +31,7 @@ from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
 from .schedule import DEFAULT_EPS, Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
-from .tables import CoefficientTable, TableError, load_table
+from .tables import MISSING_POLICIES, CoefficientTable, TableError, load_table
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -46,7 +46,6 @@ DEFAULT_MOMENTUM = 0.95
 DEFAULT_ADAMW_BETAS = (0.9, 0.95)
 DEFAULT_ADAMW_EPS = 1e-8
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
-MISSING_SHAPE_POLICIES = ("default", "error", "nearest")
 MAX_NS_STEPS = 100  # as torch.optim.Muon: more steps is a mistake, not a setting
 # Each param group names the table its state belongs to, as plain strings: torch.distributed.checkpoint's
 # get_optimizer_state_dict keeps param-group keys but drops any other top-level key of state_dict().
@@ -107,8 +106,8 @@ class ROOT(torch.optim.Optimizer):
         adamw_eps: float = DEFAULT_ADAMW_EPS,
         data_parallel: bool | ProcessGroup | None = None,
     ) -> None:
-        if missing_shape not in MISSING_SHAPE_POLICIES:
-            raise ValueError(f"missing_shape must be one of {MISSING_SHAPE_POLICIES}, got {missing_shape!r}")
+        if missing_shape not in MISSING_POLICIES:
+            raise ValueError(f"missing_shape must be one of {MISSING_POLICIES}, got {missing_shape!r}")
         check_data_parallel(data_parallel)
         self.data_parallel = data_parallel
         _check_lr(lr)  # first, as torch.optim.Muon does, so its error inputs get its message

@@ -56,6 +56,12 @@ TABLES_ENV = "ROOT_COEFF_TABLES"
 # The per-user table folder (see user_tables_dir): root-calibrate's default --out, always searched.
 USER_TABLES_ENV = "ROOT_COEFF_HOME"
 MISSING_POLICIES = ("default", "error", "nearest")
+# The published sets bundled in coeff_tables/ (docs/design.md): the start points of every fit (in this
+# order: it is the start population's order, so it changes fits) and the columns of the precision benchmark.
+PUBLISHED_TABLES = ("muon", "polar-express", "root-paper", "you-6step", "classic")
+# What calibrated rows are compared with by default (the calibration summary, `root-calibrate plot` and
+# `report`): the two sets people train with and the ROOT paper's per-shape triples.
+BASELINE_TABLES = ("muon", "polar-express", "root-paper")
 # missing="nearest": distance = |log aspect − log aspect'| + NEAREST_SIZE_WEIGHT·|log(m·n) − log(m'·n')|.
 # The spectrum's shape follows the aspect ratio (Marchenko–Pastur), so aspect dominates; size only breaks
 # near-ties. At 0.1, a 4x size difference weighs as much as a 1.15x aspect difference.

@@ -127,3 +127,46 @@ def test_two_processes_saving_the_same_version_both_keep_their_table(tmp_path):
         workers = {json.loads(p.read_text())["provenance"]["worker"] for p in folder.iterdir()}
         assert workers == {0, 1}  # neither file replaced the other
         assert {Path(results[w][round_]).name for w in (0, 1)} == {"v1.json", "v2.json"}
+
+
+# ---- one definition each -------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [p for folder in ("root_core", "calibrate", "benchmarks") for p in (REPO / folder).rglob("*.py")]
+
+
+def test_every_file_is_written_through_the_one_helper():
+    # Temporary files, renames and links belong to root_core/files.py; everything else calls it.
+    found = [
+        f"{path.relative_to(REPO)}: {word}"
+        for path in SOURCES
+        if path.name != "files.py"
+        for word in ("mkstemp", "os.replace", "os.link", "os.fsync")
+        if word in path.read_text(encoding="utf-8")
+    ]
+    assert found == []
+
+
+def test_constants_are_defined_once():
+    from calibrate import fit, pipeline, precision
+    from root_core import newton_schulz, optimizer, schedule, tables
+
+    assert newton_schulz.DEFAULT_EPS is schedule.DEFAULT_EPS and tables.DEFAULT_EPS is schedule.DEFAULT_EPS
+    assert optimizer.MISSING_POLICIES is tables.MISSING_POLICIES
+    assert precision.DEFAULT_BASELINES is tables.BASELINE_TABLES
+    assert pipeline.BASELINE_TABLES is tables.BASELINE_TABLES
+    assert fit.PUBLISHED_TABLES is tables.PUBLISHED_TABLES
+    # No second literal list of three or more published names anywhere else.
+    name = '"(?:muon|polar-express|root-paper|you-6step|classic)"'
+    pattern = re.compile(rf"{name}(?:,\s*{name}){{2,}}")
+    assert [p.name for p in SOURCES if p.name != "tables.py" and pattern.search(p.read_text("utf-8"))] == []
+
+
+def test_spectrum_cache_files_get_the_umask_mode(tmp_path, umask):
+    import numpy as np
+
+    from calibrate.spectra import SpectrumCache
+
+    umask(0o022)
+    SpectrumCache(tmp_path)._write(tmp_path / "s" / "x.npy", np.arange(3.0))
+    assert (tmp_path / "s" / "x.npy").stat().st_mode & 0o777 == 0o644
+    assert np.load(tmp_path / "s" / "x.npy").tolist() == [0.0, 1.0, 2.0]

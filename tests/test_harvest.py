@@ -35,6 +35,7 @@ from calibrate.sampling.harvest import (
     save_harvest,
 )
 from calibrate.sampling.probes import DEFAULT_PROBES, OPTIMIZERS, ProbeModel, parse_probes, target_layers
+from root_core import files as files_module
 
 SHAPE = (32, 96)
 STEPS = 12  # 3 warm-up steps + a few recorded: enough for every check except learning
@@ -419,11 +420,10 @@ def test_save_refuses_to_overwrite(text_file, tmp_path):
 def test_save_is_atomic(text_file, tmp_path, monkeypatch):
     samples = _run(text_file, count=1).samples
 
-    def half_written(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+    def disk_full(descriptor):
+        raise OSError("disk full")  # after the bytes went to the temporary file
 
-    monkeypatch.setattr(harvest_module, "save_file", half_written)
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_harvest(samples, tmp_path / "h.safetensors")
     assert list(tmp_path.iterdir()) == [text_file]

@@ -21,8 +21,6 @@ import bisect
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +28,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from torch.nn import functional as F
+
+from root_core.files import write_atomically
 
 from ..corpus import load_corpus
 from ..determinism import deterministic
@@ -629,7 +629,8 @@ def save_harvest(samples: list[Sample], path: str | Path, *, overwrite: bool = F
     if not samples:
         raise CalibrationError("no samples to save")
     tensors, metadata = _serialise(samples)
-    _atomic_save(tensors, metadata, target)
+    # Serialised in memory (safetensors writes only to a path or to bytes), then written atomically.
+    write_atomically(target, save(tensors, metadata=metadata))
     return target
 
 
@@ -652,18 +653,6 @@ def _key(sample: Sample, taken: dict[str, Tensor]) -> str:
     while key in taken or key in RESERVED_KEYS:  # samples of several harvests may share layer and step
         key, n = f"{base}.{n}", n + 1
     return key
-
-
-def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], target: Path) -> None:
-    # A temporary file in the same folder, then os.replace: readers see the old file or the whole new one.
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_harvest(path: str | Path) -> list[Sample]:
