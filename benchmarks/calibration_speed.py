@@ -8,7 +8,7 @@ against the SVD polar factor, calibrated rows and baselines). Then, at ``--shape
 evaluation from spectra against one from the matrix iteration (the spectral vs matrix objective):
 scoring a candidate schedule on S calibration samples either runs Newton–Schulz on every matrix and
 compares with the polar factor, or evaluates the composed polynomial on their normalised singular
-values (DESIGN.md §1). Medians of --repeats; the matrix objective is timed on one sample times S.
+values (docs/design.md §1). Medians of --repeats; the matrix objective is timed on one sample times S.
 
     python benchmarks/calibration_speed.py --shapes 256x1024,4096x11008 --shape 4096x11008 --record
     python benchmarks/calibration_speed.py --shapes 16x48 --shape 16x48 --samples 4 --repeats 1

@@ -383,7 +383,7 @@ def run_leaderboard(keys, tables, args) -> str:
 
 
 def exact_bound(schedule: Schedule) -> float:
-    """max of the composed polynomial on [0, 1], exactly (DESIGN.md §1)."""
+    """max of the composed polynomial on [0, 1], exactly (docs/design.md §1)."""
     return safety(schedule, margin=0.0).high
 
 

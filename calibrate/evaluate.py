@@ -1,6 +1,6 @@
 """The last check: the real matrix iteration, in the working dtypes, against the exact polar factor.
 
-The spectral identity holds in exact arithmetic only; bf16 on a GPU breaks it a little (DESIGN.md §1),
+The spectral identity holds in exact arithmetic only; bf16 on a GPU breaks it a little (docs/design.md §1),
 so every fitted table is finally scored with ``orthogonalize`` itself, next to the baselines.
 """
 

@@ -149,7 +149,7 @@ def start_schedules(steps: int, shared: bool) -> dict[str, Schedule]:
 
 
 def fold_scale(rows: Sequence[tuple[float, float, float]], scale: float) -> tuple:
-    """X/s through row (a, b, c) equals X through (a/s, b/s³, c/s⁵) (DESIGN.md §1)."""
+    """X/s through row (a, b, c) equals X through (a/s, b/s³, c/s⁵) (docs/design.md §1)."""
     (a, b, c), *rest = rows
     return ((a / scale, b / scale**3, c / scale**5), *rest)
 

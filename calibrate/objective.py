@@ -1,7 +1,7 @@
 """The quantity calibration minimises, and the safety bound it must respect.
 
 Error of a schedule on a sample = sqrt(mean_i (P(σ_i) − 1)²) over its normalised singular values
-(DESIGN.md §1); the objective is the mean over calibration samples. Safety: the composed polynomial
+(docs/design.md §1); the objective is the mean over calibration samples. Safety: the composed polynomial
 must stay within [0, max_gain] on all of [0, 1], with the range computed exactly, not on a grid, and
 keep doing so when rounding pushes σ and each step's output up to ROUNDING_MARGIN too high.
 """
@@ -21,7 +21,7 @@ from root_core.spectral import ROUNDING_MARGIN, composition_range, spectral_erro
 
 # A composition this far below 0 on [0, 1] has flipped a sign; −1e-12 forgives float64 round-off of P(0).
 SIGN_FLIP_TOLERANCE = 1e-12
-# Around Muon's 1.2024 and Polar Express's 1.1411 (DESIGN.md §1): bounded updates, room to fit.
+# Around Muon's 1.2024 and Polar Express's 1.1411 (docs/design.md §1): bounded updates, room to fit.
 DEFAULT_MAX_GAIN = 1.25
 # The fit's bound must also hold with σ and every step's output up to root_core's ROUNDING_MARGIN (2%) too
 # large: tables fitted on [0, 1] alone reached 1e20 at a 1% margin and diverged in bf16 training on spiky
@@ -127,7 +127,8 @@ STRESS_TOLERANCE = 1e-12
 # Stress constraint modes: "constraint" ranks every stress-violating set above every compliant one (like
 # the safety bound); "penalty" adds the excess to the mean error (a soft worst-case term, for comparison).
 STRESS_MODES = ("constraint", "penalty")
-# Tail statistics report σ/σ_max below this: Polar Express's design interval starts at 1e-3 (DESIGN.md §2).
+# Tail statistics report σ/σ_max below this: Polar Express's design interval starts at 1e-3
+# (docs/design.md §2).
 TAIL_THRESHOLD = 1e-3
 
 

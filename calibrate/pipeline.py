@@ -35,7 +35,7 @@ from .spectra import SpectrumCache
 
 ShapeKey = tuple[int, int]
 # The default rows of a calibrated table, for shapes it does not list: Muon's triple, the ROOT
-# reference's own fallback (DESIGN.md §2).
+# reference's own fallback (docs/design.md §2).
 DEFAULT_ROWS = load_table("muon").default_schedule.rows
 # The validation label of fitted rows that lost to the baseline and were replaced by its rows (issue 10).
 FITTED_LABEL = "fitted (not shipped)"

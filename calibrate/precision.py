@@ -1,11 +1,11 @@
 """How close each coefficient table gets to the exact polar factor: the numbers behind figures and reports.
 
 One function, :func:`analyse`, computes them: per shape × table × Newton–Schulz steps 1…10, the float64
-spectral error of every sample (DESIGN.md §1, from its normalised spectrum) and the measured bf16 error of
-the real matrix iteration against an SVD-exact polar factor. ``root-calibrate plot`` and
+spectral error of every sample (docs/design.md §1, from its normalised spectrum) and the measured bf16
+error of the real matrix iteration against an SVD-exact polar factor. ``root-calibrate plot`` and
 ``root-calibrate report`` both read the frame it returns, so the pictures and the tables cannot disagree.
 
-Samples are clipped like the optimizer clips them (DESIGN.md §1: NS sees the soft-thresholded momentum),
+Samples are clipped like the optimizer clips them (docs/design.md §1: NS sees the soft-thresholded momentum),
 at the clip quantile recorded in the analysed table's provenance.
 """
 
@@ -66,7 +66,7 @@ MATRIX_DTYPE = torch.bfloat16
 
 # Long-form columns: one row per shape × table × steps × sample.
 SAMPLE_COLUMNS = ("shape", "table", "baseline", "steps", "native", "sample", "source", "kind", "train_step")
-SPECTRAL = "spectral"  # float64 spectral error (DESIGN.md §1)
+SPECTRAL = "spectral"  # float64 spectral error (docs/design.md §1)
 BF16 = "bf16"  # measured bf16 matrix error, NaN on samples not checked
 
 
@@ -468,7 +468,8 @@ def report_frame(analysis: Analysis) -> pd.DataFrame:
 
 
 def _bound(analysis: Analysis, shape: str, label: str) -> tuple[float, float]:
-    """max P on (0, 1] at the table's own steps (exact, DESIGN.md §1) and the bound it was fitted under."""
+    """max P on (0, 1] at the table's own steps (exact, docs/design.md §1.4) and the bound it was fitted
+    under."""
     key = parse_shapes(shape)[0]
     entrant = next(e for e in analysis.entrants if e.label == label)
     _, high = composition_range(entrant.schedule(key))

@@ -1,6 +1,6 @@
 """Normalised singular values of (clipped) samples: the expensive step, computed once and cached.
 
-Newton–Schulz acts on singular values only (DESIGN.md §1), so after this step every candidate
+Newton–Schulz acts on singular values only (docs/design.md §1), so after this step every candidate
 coefficient set is scored in O(r) instead of O(K·m²·n). The spectrum is taken of what NS will see:
 the sample clipped at the optimizer's quantile, divided by its Frobenius norm.
 """
@@ -35,7 +35,7 @@ def normalized_spectrum(matrix: Tensor, *, clip_quantile: float | None, device="
     """σ_i / ‖B‖_F of B = clip(matrix), float64 on the CPU, descending.
 
     Gram + ``eigvalsh`` in float64: 11 s at 4096×11008 on 2 CPU cores against 30 s for ``svdvals``,
-    agreeing to 1e-13 (DESIGN.md §1). ‖B‖_F² is the Gram trace, i.e. the eigenvalue sum, so the
+    agreeing to 1e-13 (docs/design.md §1). ‖B‖_F² is the Gram trace, i.e. the eigenvalue sum, so the
     normalisation is exactly the one NS applies.
     """
     B = clipped(matrix, clip_quantile, device).to(torch.float64)

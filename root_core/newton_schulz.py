@@ -1,7 +1,7 @@
 """Quintic Newton–Schulz orthogonalisation: the pure math, apart from any optimizer.
 
 One step maps X ↦ aX + b(XXᵀ)X + c(XXᵀ)²X, which acts on each singular value σ as
-p(σ) = aσ + bσ³ + cσ⁵ and keeps the singular vectors (DESIGN.md §1). A schedule is one (a, b, c) row
+p(σ) = aσ + bσ³ + cσ⁵ and keeps the singular vectors (docs/design.md §1). A schedule is one (a, b, c) row
 per step; the input is first normalised to X = G / max(scale·‖G‖_F, eps) so that every σ lies in [0, 1].
 """
 
@@ -58,7 +58,7 @@ def orthogonalize(
 def coefficient_tensor(schedule: Schedule, steps: int | None = None, *, device=None) -> Tensor:
     """The schedule's rows as a float32 ``(steps, 3)`` tensor, with its input scale folded in.
 
-    Scaling the input by s equals replacing the first row (a, b, c) by (a·s, b·s³, c·s⁵) (DESIGN.md §1),
+    Scaling the input by s equals replacing the first row (a, b, c) by (a·s, b·s³, c·s⁵) (docs/design.md §1),
     so a scaled schedule needs no extra argument on the tensor path. The eps term then divides ‖G‖_F
     instead of scale·‖G‖_F, a difference of eps·(1 − 1/scale) in the denominator.
     """

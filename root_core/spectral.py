@@ -1,4 +1,4 @@
-"""What a Newton–Schulz schedule does to singular values: the scalar side of DESIGN.md §1.
+"""What a Newton–Schulz schedule does to singular values: the scalar side of docs/design.md §1.
 
 NS maps each normalised singular value σ to P(σ) = p_K(…p_1(σ/scale)…), so the relative error against
 the exact polar factor is sqrt(mean (P(σ_i) − 1)²) over the r = min(m, n) singular values.
@@ -37,7 +37,7 @@ def spectral_error(sigma: Tensor, schedule: Schedule, steps: int | None = None) 
 def composition_range(
     schedule: Schedule, steps: int | None = None, *, margin: float = 0.0
 ) -> tuple[float, float]:
-    """Exact (min, max) of P over σ ∈ [0, 1], with no grid (DESIGN.md §1); with ``margin`` > 0, a bound
+    """Exact (min, max) of P over σ ∈ [0, 1], with no grid (docs/design.md §1); with ``margin`` > 0, a bound
     that also holds when the input and every intermediate value are up to ``margin`` (relative) too large.
 
     The image of an interval under a continuous p is an interval whose ends are p at the interval's

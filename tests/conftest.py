@@ -11,9 +11,9 @@ import torch
 
 from root_core.schedule import Schedule
 
-# DESIGN.md §2: torch.optim.Muon's default triple (KellerJordan/Muon muon.py).
+# docs/design.md §2: torch.optim.Muon's default triple (KellerJordan/Muon muon.py).
 MUON = Schedule(rows=((3.4445, -4.7750, 2.0315),))
-# DESIGN.md §2: Polar Express (Amsel et al. 2025), five per-step rows, input scaled by 1.02.
+# docs/design.md §2: Polar Express (Amsel et al. 2025), five per-step rows, input scaled by 1.02.
 POLAR_EXPRESS = Schedule(
     rows=(
         (8.156554524902461, -22.48329292557795, 15.878769915207462),

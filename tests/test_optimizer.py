@@ -18,7 +18,7 @@ from root_core.optimizer import FragileScheduleWarning, adjusted_lr
 # Most tests use shapes the bundled tables do not list, on purpose; the warning has its own test.
 pytestmark = pytest.mark.filterwarnings("ignore::root_core.tables.MissingShapeWarning")
 
-# DESIGN.md §2, huawei-noah/noah-research ROOT/examples/example_train.py: the 2048×2048 triple.
+# docs/design.md §2, huawei-noah/noah-research ROOT/examples/example_train.py: the 2048×2048 triple.
 ROOT_PAPER_2048 = (3.4916, -4.8224, 2.1095)
 # float64 everywhere on both sides: the only differences are summation order in matmuls (~1e-15 per op,
 # amplified by ≤ 5 NS steps and two optimizer steps) and the eps seen at another momentum scale
@@ -56,7 +56,7 @@ def test_matches_torch_muon_step_for_step(adjust_lr_fn, nesterov):
 
 
 def reference_root_step(p, grad, buf, *, lr, weight_decay, momentum=0.95, quantile=0.9):
-    """The ROOT reference algorithm of DESIGN.md §2, written out in float64 with numpy's quantile."""
+    """The ROOT reference algorithm of docs/design.md §2, written out in float64 with numpy's quantile."""
     buf.mul_(momentum).add_(grad)  # buf = μ·buf + g
     g = grad + momentum * buf  # Nesterov
     epsilon = float(np.quantile(g.abs().numpy(), quantile))
@@ -76,7 +76,7 @@ def test_matches_a_float64_reimplementation_of_the_paper_on_2048x2048():
     ours.data = ours.data.double()
     initial = ours.detach().clone()
     reference, buf = initial.clone(), torch.zeros_like(ours)
-    # The paper's 2048x2048 triple is fragile under rounding (DESIGN.md §1: 3.31 even on [0, 1]); float64
+    # The paper's 2048x2048 triple is fragile under rounding (docs/design.md §1: 3.31 even on [0, 1]); float64
     # here, so the warning is all it costs.
     with pytest.warns(
         FragileScheduleWarning, match=r"'root-paper@1' rows for 2048x2048 reach P = 7\.68e\+13"

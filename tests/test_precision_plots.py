@@ -30,7 +30,7 @@ SHAPE_TEXT = "16x48"
 PNG_SIZE = (round(plots.FIGSIZE[1] * plots.DPI), round(plots.FIGSIZE[0] * plots.DPI))
 # A short harvest: 12 training steps, recording after the 3-step warm-up (tests/test_harvest.py uses it too).
 HARVEST_STEPS = 12
-# The ROOT paper's 2048×2048 triple: its 5-step composition reaches 3.31 on (0, 1] (DESIGN.md §1), and
+# The ROOT paper's 2048×2048 triple: its 5-step composition reaches 3.31 on (0, 1] (docs/design.md §1), and
 # 8+ steps diverge; placed on the tiny test shape to exercise the off-scale and infinite-error paths.
 SPIKY_ROW = (3.4916, -4.8224, 2.1095)
 
@@ -135,7 +135,7 @@ def test_diverging_table_reports_infinite_errors_not_missing_ones(spiky_table, t
     assert spiky.loc[precision.MAX_STEPS, "spectral_mean"] > 1e100
     assert not spiky[["spectral_mean", "bf16_mean", "spectral_p95", "bf16_p95"]].isna().any().any()
     report = precision.report_frame(analysis).set_index("table")
-    assert report.loc["spiky@1", "bound"] == pytest.approx(3.31, abs=0.01)  # DESIGN.md §1
+    assert report.loc["spiky@1", "bound"] == pytest.approx(3.31, abs=0.01)  # docs/design.md §1
     assert report.loc["spiky@1", "max_gain"] == 1.3 and report.loc["muon@1", "max_gain"] == 1.25
     paths = plots.write_figures(analysis, tmp_path / "figures")
     assert [p.name for p in paths] == [

@@ -9,14 +9,15 @@ from conftest import CLASSIC, FRAGILE, MUON, POLAR_EXPRESS
 from root_core.schedule import Schedule
 from root_core.spectral import composition_range, spectral_error
 
-# DESIGN.md §2: the ROOT paper's published triple for 2048×2048.
+# docs/design.md §2: the ROOT paper's published triple for 2048×2048.
 ROOT_2048 = Schedule(rows=((3.4916, -4.8224, 2.1095),))
 
 
 @pytest.mark.parametrize(
     ("schedule", "steps", "expected_max", "half_last_digit"),
     [
-        # DESIGN.md §1 quotes these maxima of the exact range on (0, 1]; each must agree to the digits quoted.
+        # docs/design.md §1.4 quotes these maxima of the exact range on (0, 1]; each must agree to the
+        # digits quoted.
         (MUON, None, 1.2024, 5e-5),
         (POLAR_EXPRESS, None, 1.1411, 5e-5),
         (ROOT_2048, 5, 3.31, 5e-3),

@@ -1,8 +1,8 @@
 """The real:synthetic ratio, and the calibration/validation split.
 
 Real momentum is what the fit must serve; synthetic families keep it from overfitting the few real spectra
-(DESIGN.md §1). ``--ratio R:S`` sets how many of each a shape gets, and the validation set keeps both kinds
-so the check reports on each.
+(docs/design.md §1.2). ``--ratio R:S`` sets how many of each a shape gets, and the validation set keeps both
+kinds so the check reports on each.
 """
 
 from __future__ import annotations

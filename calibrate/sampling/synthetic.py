@@ -5,9 +5,10 @@ Each sample draws its parameters and entries from its own ``torch.Generator``, s
 whatever order: drawing 3 or 6 samples gives the same first 3, and a re-run with the same seed gives the
 same table. Matrices are built in the canonical (min, max) orientation.
 
-The families cover the spectra a fit must not overfit away from (DESIGN.md §1: the spectrum's shape is what
-Newton–Schulz sees): a noise bulk (Marchenko–Pastur), entry outliers (Student-t, which the soft-threshold
-clips), nearly low-rank momentum with a power-law decay, and per-feature magnitudes as Adam/Muon momentum has.
+The families cover the spectra a fit must not overfit away from (docs/design.md §1.2: the spectrum's shape
+is what Newton–Schulz sees): a noise bulk (Marchenko–Pastur), entry outliers (Student-t, which the
+soft-threshold clips), nearly low-rank momentum with a power-law decay, and per-feature magnitudes as
+Adam/Muon momentum has.
 """
 
 from __future__ import annotations
