@@ -14,6 +14,13 @@ from torch import Tensor
 
 from .schedule import DEFAULT_EPS, Schedule, as_schedule
 
+# "standard" iterates on X (m×n); "gram" on the m×m Gram matrix (Dao-AILab/gram-newton-schulz).
+NS_FORMS = ("standard", "gram")
+# The Gram form restarts after every 2nd step; a lone last step joins the segment before it (it would
+# cost as much as a standard step), so 5 steps restart once, after step 2, as Dao-AILab/gram-newton-schulz
+# does. Without restarts, or with 3-step segments at the start, errors grew up to 10⁷× in bf16 on
+# power-law spectra (measurements: benchmarks/RESULTS.md, issue 13).
+GRAM_RESTART_EVERY = 2
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
@@ -28,6 +35,8 @@ def orthogonalize(
     eps: float = DEFAULT_EPS,
     dtype: torch.dtype | None = None,
     steps: int | None = None,
+    form: str = "standard",
+    restarts: Sequence[int] | None = None,
 ) -> Tensor:
     """Approximate the polar factor U Vᵀ of ``G`` (shape ``(..., m, n)``) with Newton–Schulz.
 
@@ -38,15 +47,30 @@ def orthogonalize(
     :func:`coefficient_tensor`). ``dtype`` is the iteration dtype (default bf16 on CUDA, float32 on CPU);
     the result has ``G``'s dtype and shape. Tall inputs are iterated transposed, since the Gram matrix
     of the short side is the cheap one.
+
+    ``form="gram"`` runs the same polynomial steps on the m×m Gram matrix (:func:`gram_newton_schulz`),
+    which saves flops when the long side is well over 1.5× the short one; ``restarts`` are the steps
+    after which it recomputes the Gram matrix from X (default: :func:`default_gram_restarts`). It
+    needs coefficient rows, not a tensor.
     """
     if G.ndim < 2:
         raise ValueError(
             f"orthogonalize needs a matrix or a batch of matrices (..., m, n), got shape {tuple(G.shape)}"
         )
+    if form not in NS_FORMS:
+        raise ValueError(f"Newton–Schulz form must be one of {NS_FORMS}, got {form!r}")
     work_dtype = dtype or default_ns_dtype(G.device)
     transpose = G.size(-2) > G.size(-1)
     X = G.mT if transpose else G
-    if isinstance(schedule, Tensor):
+    if form == "gram":
+        if isinstance(schedule, Tensor):
+            raise ValueError("form='gram' takes coefficient rows (a Schedule or a list), not a tensor")
+        plan = as_schedule(schedule)
+        rows = plan.expanded(steps)
+        X = gram_newton_schulz(
+            _normalize(X, work_dtype, plan.scale, eps), rows, _restarts(restarts, len(rows))
+        )
+    elif isinstance(schedule, Tensor):
         coefficients = _check_coefficient_tensor(schedule, steps)
         X = newton_schulz_tensor(_normalize(X, work_dtype, 1.0, eps), coefficients)
     else:
@@ -88,6 +112,62 @@ def newton_schulz(X: Tensor, rows: Sequence[tuple[float, float, float]]) -> Tens
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
+def gram_newton_schulz(
+    X: Tensor, rows: Sequence[tuple[float, float, float]], restarts: Sequence[int] = ()
+) -> Tensor:
+    """:func:`newton_schulz` iterated on the m×m Gram matrix of a normalised, wide ``X`` (..., m, n).
+
+    A step is X ← W·X with W = aI + bA + cA², A = XXᵀ, so after k steps X_k = Q_k·X_0 with
+    Q_k = W_{k−1}…W_0, and the Gram matrix follows without touching X: A_{k+1} = W_k·A_k·W_k. Only
+    the first Gram matrix and the final Q·X_0 cost m²n each; every step in between is m×m work
+    (four m³ products: A², Q·W and two for W·A·W; three fewer at a segment's ends). After each step
+    listed in ``restarts`` X is formed and A recomputed from it, because A_k drifts from X_k X_kᵀ
+    through rounding, amplified by up to a² per step on small singular values. In flops, a segment
+    of L steps costs 4m²n + (8L − 6)m³ against 4Lm²n + 2Lm³ for the standard form: it wins once
+    n > 1.5m, most when n ≫ m, and loses on square matrices.
+
+    Numerics (measured against float64 SVD, benchmarks/RESULTS.md): float32 matches the standard
+    form; fp16 and bf16 need the restarts, and bf16 stays well behind fp16 (8 bits against 11).
+    """
+    batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
+    X = X.reshape(-1, m, n)
+    identity = torch.eye(m, dtype=X.dtype, device=X.device)
+    restart_after = set(restarts)
+    A = torch.bmm(X, X.mT)
+    Q: Tensor | None = None
+    for k, (a, b, c) in enumerate(rows):
+        Z = torch.baddbmm(A, A, A, beta=b, alpha=c)  # bA + cA²; W = aI + Z
+        Q = Z + a * identity if Q is None else torch.baddbmm(Q, Q, Z, beta=a)  # Q·W = aQ + Q·Z
+        if k + 1 == len(rows):
+            break
+        if k + 1 in restart_after:
+            X = torch.bmm(Q, X)
+            A, Q = torch.bmm(X, X.mT), None
+        else:
+            AW = torch.baddbmm(A, A, Z, beta=a)  # A·W
+            A = torch.baddbmm(AW, Z, AW, beta=a)  # W·A·W
+    X = torch.bmm(Q, X)
+    return X.reshape(*batch_shape, m, n)
+
+
+def default_gram_restarts(num_steps: int) -> tuple[int, ...]:
+    """After steps 2, 4, …; a lone last step joins the segment before it, unless that is the first."""
+    restarts = list(range(GRAM_RESTART_EVERY, num_steps, GRAM_RESTART_EVERY))
+    if len(restarts) > 1 and num_steps - restarts[-1] == 1:
+        restarts.pop()
+    return tuple(restarts)
+
+
+def _restarts(restarts: Sequence[int] | None, num_steps: int) -> tuple[int, ...]:
+    if restarts is None:
+        return default_gram_restarts(num_steps)
+    chosen = tuple(restarts)
+    for step in chosen:
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step < num_steps:
+            raise ValueError(f"Gram restarts must be steps in [1, {num_steps - 1}], got {step!r}")
+    return chosen
+
+
 def newton_schulz_tensor(X: Tensor, coefficients: Tensor) -> Tensor:
     """``newton_schulz`` with coefficients as a ``(k, 3)`` tensor, for ``torch.compile`` callers.
 
@@ -111,7 +191,13 @@ def _normalize(X: Tensor, dtype: torch.dtype, scale: float, eps: float) -> Tenso
     ``torch.optim.Muon`` does, so with scale 1 a bf16 run matches it bit for bit, tiny gradients too
     (an added eps differs from the floor by 13% of the update at ‖G‖ = 1e-8); torch's norm reductions
     accumulate bf16 in float32. eps keeps an all-zero matrix at zero instead of NaN.
+
+    fp16 is the exception: its range ends at 65504 and its normal numbers at 6.1e-5, so casting first
+    would turn large momentum entries into inf and typical ones (1e-5 and below) into subnormals or
+    zeros. It is normalised in float32 and cast after, when every entry lies in [−1, 1].
     """
+    if dtype == torch.float16:
+        return _normalize(X, torch.float32, scale, eps).to(dtype)
     X = X.to(dtype)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     return X / (norm * scale).clamp(min=eps)
