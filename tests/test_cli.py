@@ -235,3 +235,19 @@ def test_summary_names_the_table_and_says_which_samples_each_column_averages():
         "spectral: float64 from the spectrum, over all 4 validation samples per shape; float32 / bf16: the "
         "real iteration, over the first 2 of them (--check-samples)"
     ) in caption
+
+
+def test_real_is_momentum_takes_unmarked_tensors(tmp_path, monkeypatch):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    save_file({"w": torch.randn(48, 16)}, str(folder / "tensors.safetensors"))
+    loaded = []
+
+    def load_then_stop(request, progress, team):
+        loaded.append(pipeline.real_files(request))
+        raise pipeline.CalibrationError("stopped after loading")
+
+    monkeypatch.setattr(cli.ranks, "run", load_then_stop)
+    result = invoke([*TINY, "--real", str(folder), "--real-is-momentum", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1 and "stopped after loading" in result.output, result.output
+    assert [s.source for s in loaded[0][(16, 48)]] == [f"file:{folder / 'tensors.safetensors'}:w"]
