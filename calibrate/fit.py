@@ -58,6 +58,10 @@ PER_STEP_BOUNDS = [(0.5, 9.5), (-26.0, 2.0), (-2.0, 19.0)]
 # The search scores compressed spectra (this many evenly spaced order statistics per sample): the
 # mean over 512 quantiles tracks the full mean closely and makes an evaluation ~10× cheaper at r=4096.
 SEARCH_POINTS = 512
+# The stress sets are scored on fewer order statistics in the search: three sets at 512 points made an
+# evaluation 4-5× as costly as the mean error alone (fit 15→72 s at 256x256 on a loaded 2-core CPU);
+# the guarantee itself is checked on the full spectra (``_best_feasible``), after a repair polish if needed.
+STRESS_SEARCH_POINTS = 128
 # Nelder–Mead evaluations per search iteration: 200 iterations give 20k, enough to settle 15 digits-worth
 # of parameters, while a quick 5-iteration run stays quick.
 POLISH_EVALUATIONS_PER_ITERATION = 100
@@ -233,9 +237,7 @@ def _search_fit(
     """One search: the mean error within the bound, and no worse than the baseline on ``stress`` if given."""
     started = time.perf_counter()
     search_spectra = compress(spectra)
-    search_stress = [
-        StressSet(s.name, compress(s.spectra), _compressed_baseline(s, settings)) for s in stress
-    ]
+    search_stress = [_compressed_stress(s, settings) for s in stress]
     bounds = SHARED_BOUNDS if settings.shared else PER_STEP_BOUNDS * settings.steps
     starts = {**start_schedules(settings.steps, settings.shared), **(extra_starts or {})}
     counter = [0]
@@ -264,7 +266,10 @@ def _search_fit(
         objective, found, bounds, budget=POLISH_EVALUATIONS_PER_ITERATION * settings.iterations
     )
     start_errors = {label: mean_error(spectra, s) for label, s in starts.items()}
-    schedule = _best_feasible([polished, found], starts, spectra, settings, stress)
+    vectors = [polished, found]
+    if stress and stress_excess(Schedule(rows=_rows(polished, settings), steps=settings.steps), stress) > 0:
+        vectors.insert(0, _repaired(polished, spectra, stress, settings, bounds))
+    schedule = _best_feasible(vectors, starts, spectra, settings, stress)
     return FitResult(
         schedule=schedule,
         calibration_error=mean_error(spectra, schedule),
@@ -288,10 +293,30 @@ def _search_fit(
     )
 
 
-def _compressed_baseline(stress: StressSet, settings: FitSettings) -> float:
-    """The baseline's error on the compressed stress spectra the search scores."""
+def _compressed_stress(stress: StressSet, settings: FitSettings) -> StressSet:
+    """The stress set as the search scores it, with the baseline's error on that compressed form."""
     baseline = load_table(settings.stress_baseline).default_schedule.with_steps(settings.steps)
-    return mean_error(compress(stress.spectra), baseline)
+    spectra = compress(stress.spectra, STRESS_SEARCH_POINTS)
+    return StressSet(stress.name, spectra, mean_error(spectra, baseline))
+
+
+def _repaired(
+    vector: np.ndarray, spectra: Tensor, stress: Sequence[StressSet], settings, bounds
+) -> np.ndarray:
+    """A point the search found feasible on compressed spectra may break a binding stress constraint on
+    the full ones by round-off-sized amounts; a short polish on the full objective moves it back inside."""
+
+    def full(v: np.ndarray) -> float:
+        return penalised_objective(
+            v,
+            spectra,
+            steps=settings.steps,
+            shared=settings.shared,
+            max_gain=settings.max_gain,
+            stress=stress,
+        )
+
+    return _polish(full, vector, bounds, budget=POLISH_EVALUATIONS_PER_ITERATION * 10)
 
 
 def _best_feasible(
@@ -303,7 +328,8 @@ def _best_feasible(
 ) -> Schedule:
     """The lowest full-spectrum error among the found points and the starts that respect the bound and,
     with ``stress``, match the baseline on every full-spectrum stress set (the baseline start always does,
-    so the robust fit exists wherever the baseline is within --max-gain)."""
+    so the robust fit exists wherever the baseline is within --max-gain; below that, the safe candidate
+    closest to meeting them, which the fit's report marks as not guaranteed)."""
     candidates = [Schedule(rows=_rows(v, settings), steps=settings.steps) for v in vectors]
     candidates += list(starts.values())
     feasible = [s for s in candidates if safety(s, settings.max_gain).ok]
@@ -312,12 +338,11 @@ def _best_feasible(
             f"no coefficient set found within --max-gain {settings.max_gain}; raise it (Muon's needs 1.21)"
         )
     if stress:
-        feasible = [s for s in feasible if stress_excess(s, stress) == 0.0]
-        if not feasible:
-            raise CalibrationError(
-                f"no coefficient set within --max-gain {settings.max_gain} matches "
-                f"{settings.stress_baseline} on the stress sets; raise --max-gain or pass --fit mean"
-            )
+        meeting = [s for s in feasible if stress_excess(s, stress) == 0.0]
+        if not meeting:
+            # Only where the baseline itself breaks --max-gain: the closest to it, as the report says.
+            return min(feasible, key=lambda s: (stress_excess(s, stress), mean_error(spectra, s)))
+        feasible = meeting
     return min(feasible, key=lambda s: mean_error(spectra, s))
 
 

@@ -100,3 +100,13 @@ def test_robust_fit_benchmark_smoke(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["mean", "robust (constraint)", "robust (penalty)"]
     # The constraint is met on the calibration stress sets (cells 5–7): no ✗ there.
     assert all("✗" not in cell for cell in rows[1].split(" | ")[5:8])
+
+
+def test_a_bound_below_the_baselines_own_gives_the_closest_safe_rows_and_says_which_sets_fail():
+    # Muon's triple reaches 1.20 under the rounding margin: with --max-gain 1.0001 it cannot be a start.
+    result = fit(
+        well_conditioned_spectra(), FitSettings(form="shared", iterations=ITERATIONS, max_gain=1.0001)
+    )
+    assert result.safety.ok and result.safety.high <= 1.0001
+    assert result.robust["guaranteed"] != ["tail-x0.1", "tail-x0.01", "low-rank"]
+    assert not all(v["guaranteed"] for v in result.robust["stress"].values())
