@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,21 @@ DEFAULT_EPS = 1e-7
 
 Row = tuple[float, float, float]
 
+# Steps past the ones a schedule's rows were fitted for run its last row again only if that keeps P(σ)
+# inside the range the fitted steps reach; otherwise they run the textbook quintic (15/8, −10/8, 3/8).
+# Its p(1) = 1, p'(1) = 0 and p'(x) = 15(1 − x²)²/8 ≥ 0: p is increasing and moves every σ in
+# (0, √(7/3) ≈ 1.53) towards 1, so it can only narrow what the fitted rows produced (a calibrated table
+# keeps P ≤ 1.25 under the rounding margin), where a fitted last row repeated can blow up: the
+# llama-3.2-1b-shared v2 rows, repeated to 10 steps, reach 9e273 (root_core.spectral.composition_range,
+# margin 0.02). Polar Express's last row is no candidate: repeated it settles at 1.035, not 1.
+CONVERGENT_ROW: Row = (15 / 8, -10 / 8, 3 / 8)
+# Beyond this P, CONVERGENT_ROW cannot pull σ back (p(x) > x above √(7/3)): rows that already reach it
+# within their own steps are fragile (ROOT warns) and keep repeating their last row, as published
+# (the ROOT paper's 2048×2048 triple: P = 679 at 6 steps, docs/design.md).
+CONVERGENT_BASIN = math.sqrt(7 / 3)
+# How far ahead repeating the last row is checked (torch.optim.Muon refuses 100 steps or more).
+CONTINUATION_HORIZON = 100
+
 
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
@@ -24,8 +40,9 @@ class Schedule:
 
     The iteration runs on ``X = G / max(scale * ||G||_F, eps)`` (eps comes from the table). ``rows``
     holds one ``(a, b, c)`` per step; a single row means "repeat it", ``steps`` times (default 5). With
-    several rows, ``steps`` defaults to their count. Asking for more steps than rows repeats the last row,
-    which is how per-step sets such as Polar Express are extended; fewer steps use the first rows.
+    several rows, ``steps`` defaults to their count. Fewer steps use the first rows; more steps than
+    ``num_steps`` continue with :attr:`continuation`: the last row when repeating it stays bounded (Muon,
+    Polar Express), else the convergent classic row (fitted rows that blow up when repeated).
     """
 
     rows: tuple[Row, ...]
@@ -57,13 +74,33 @@ class Schedule:
         count = self.num_steps if steps is None else steps
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"Newton–Schulz steps must be an integer >= 1, got {count!r}")
-        return tuple(self.rows[min(k, len(self.rows) - 1)] for k in range(count))
+        fitted = self.num_steps
+        last = len(self.rows) - 1
+        return tuple(self.rows[min(k, last)] if k < fitted else self.continuation for k in range(count))
+
+    @functools.cached_property
+    def continuation(self) -> Row:
+        """The row for steps past ``num_steps``: the last row if repeating it (for CONTINUATION_HORIZON
+        steps, under the rounding margin) keeps P within the range the fitted steps reach, else
+        CONVERGENT_ROW; the last row too when the fitted steps already leave CONVERGENT_BASIN."""
+        from .spectral import ROUNDING_MARGIN, composition_range  # spectral builds on this module
+
+        reached = max(1.0, composition_range(self, self.num_steps, margin=ROUNDING_MARGIN)[1])
+        if not reached < CONVERGENT_BASIN:
+            return self.rows[-1]
+        # The last row alone, from every σ ≤ reached; its own steps, so this never asks for a continuation.
+        repeated = Schedule(rows=(self.rows[-1],), scale=1.0 / reached, steps=CONTINUATION_HORIZON)
+        high = composition_range(repeated, margin=ROUNDING_MARGIN)[1]
+        return self.rows[-1] if high <= reached * (1.0 + ROUNDING_MARGIN) else CONVERGENT_ROW
 
     def with_steps(self, steps: int | None) -> Schedule:
-        """The same rows and scale run for ``steps`` steps (``None`` keeps this schedule's own count)."""
+        """This schedule run for ``steps`` steps, as explicit per-step rows (``None``: unchanged).
+
+        The rows are resolved here, so steps past ``num_steps`` keep their :attr:`continuation`.
+        """
         if steps is None:
             return self
-        return Schedule(rows=self.rows, scale=self.scale, steps=steps)
+        return Schedule(rows=self.expanded(steps), scale=self.scale, steps=steps)
 
 
 def as_schedule(spec: Schedule | Sequence[Sequence[float]] | Sequence[float]) -> Schedule:
