@@ -273,21 +273,34 @@ def test_vectors_in_a_root_only_group_are_refused():
         ROOT([{"params": make_params((7,)), "use_root": True}])
 
 
+# bf16 Newton–Schulz with Muon's row is 1.2–2.5% off float64 per direction (root_core/newton_schulz.py);
+# over three steps the total change of each parameter here was 0.23% and 0.35% off the float64 change with
+# bf16 on the CPU (not yet measured on a GPU). 2% leaves ~6x room; an update not applied at all is 100% off.
+CUDA_BF16_RTOL = 0.02
+
+
 @pytest.mark.gpu
-def test_runs_on_cuda_in_bf16_and_tracks_the_float32_cpu_run():
-    cpu = make_params((256, 688), (688, 256))
-    gpu = [nn.Parameter(p.detach().cuda()) for p in cpu]
-    feed(ROOT(cpu, lr=0.01, table="root-paper"), cpu, 3)
+def test_runs_on_cuda_in_bf16_and_tracks_a_float64_cpu_reference():
+    shapes = ((256, 688), (688, 256))  # wide and tall; not in root-paper, so its default (Muon's) rows
+    gpu = [nn.Parameter(p.detach().cuda()) for p in make_params(*shapes)]
+    reference = [nn.Parameter(p.detach().double()) for p in make_params(*shapes)]
+    initial = [p.detach().clone() for p in reference]  # a copy: .double() of a float64 tensor is itself
     root_gpu = ROOT(gpu, lr=0.01, table="root-paper")
     assert root_gpu.param_groups[0]["ns_dtype"] is None  # default: bf16 on CUDA
+    root_reference = ROOT(reference, lr=0.01, table="root-paper", ns_dtype=torch.float64)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
-        for p in gpu:
-            p.grad = (torch.randn(p.shape, generator=generator) * 3.0).cuda()
+        for g, r in zip(gpu, reference, strict=True):
+            grad = torch.randn(r.shape, generator=generator, dtype=torch.float64) * 3.0
+            r.grad, g.grad = grad, grad.float().cuda()
         root_gpu.step()
-    for a, b in zip(cpu, gpu, strict=True):
-        # bf16 NS differs from float32 by ~1–2% of the update; the update is lr·O(1) per entry.
-        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=3 * 0.01 * 0.05 * 3)
+        root_reference.step()
+    for g, r, start in zip(gpu, reference, initial, strict=True):
+        expected = r.detach() - start  # the float64 change: weight decay and three orthogonalised updates
+        change = g.detach().cpu().double() - start
+        # The tolerance is a fraction of the update itself, so a no-op (change 0, error = ‖expected‖) fails.
+        assert 0 < CUDA_BF16_RTOL < 1 and expected.norm() > 0
+        assert (change - expected).norm() <= CUDA_BF16_RTOL * expected.norm(), tuple(g.shape)
 
 
 def test_fragile_rows_warn_once_per_shape_and_robust_ones_do_not():
