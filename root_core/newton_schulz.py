@@ -23,9 +23,15 @@ NS_FORMS = ("standard", "gram")
 GRAM_RESTART_EVERY = 2
 
 
-def default_ns_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 where tensor cores make it fast and Muon-family training uses it; float32 on the CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def default_ns_dtype(device: torch.device | str, form: str = "standard") -> torch.dtype:
+    """bf16 where tensor cores make it fast and Muon-family training uses it; float32 on the CPU.
+
+    The Gram form gets fp16 on CUDA instead, as in Dao-AILab/gram-newton-schulz: in bf16 its error
+    measured 1.5–5× the standard form's, in fp16 about 1–2× (benchmarks/RESULTS.md, issue 13).
+    """
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.float16 if form == "gram" else torch.bfloat16
 
 
 def orthogonalize(
@@ -59,7 +65,7 @@ def orthogonalize(
         )
     if form not in NS_FORMS:
         raise ValueError(f"Newton–Schulz form must be one of {NS_FORMS}, got {form!r}")
-    work_dtype = dtype or default_ns_dtype(G.device)
+    work_dtype = dtype or default_ns_dtype(G.device, form)
     transpose = G.size(-2) > G.size(-1)
     X = G.mT if transpose else G
     if form == "gram":
@@ -128,8 +134,11 @@ def gram_newton_schulz(
     of L steps costs 4m²n + (8L − 6)m³ against 4Lm²n + 2Lm³ for the standard form: it wins once
     n > 1.5m, most when n ≫ m, and loses on square matrices.
 
-    Numerics (measured against float64 SVD, benchmarks/RESULTS.md): float32 matches the standard
-    form; fp16 and bf16 need the restarts, and bf16 stays well behind fp16 (8 bits against 11).
+    Numerics, with the default restarts, against float64 SVD (benchmarks/RESULTS.md, issue 13): on
+    rectangular inputs the error is about the standard form's in float32 (≤ 1.2×, both ~1e-5), 1–2×
+    it in fp16 and 1.5–5× in bf16 (8 bits against fp16's 11), hence fp16 or float32 for this form; on
+    square inputs, where it saves nothing, 2–20× (their σ reach down to 0). Without restarts power-law
+    spectra drift 100× in float32 and overflow fp16.
     """
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     X = X.reshape(-1, m, n)

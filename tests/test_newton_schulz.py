@@ -112,6 +112,8 @@ def test_output_keeps_the_input_dtype_with_another_iteration_dtype(generator):
 def test_default_iteration_dtype_is_bf16_on_cuda_float32_on_cpu():
     assert default_ns_dtype("cpu") == torch.float32
     assert default_ns_dtype("cuda") == torch.bfloat16
+    assert default_ns_dtype("cuda", "gram") == torch.float16  # bf16 Gram: 1.5–5× the standard error
+    assert default_ns_dtype("cpu", "gram") == torch.float32
 
 
 def test_single_row_repeats_and_extra_steps_reuse_the_last_row(generator):
