@@ -107,7 +107,7 @@ def show_table(table: CoefficientTable) -> str:
         f"table       {table.identity}",
         f"created     {table.created}",
         f"hash        {table.content_hash}",
-        f"input       X = G / ({norm.scale:g}·‖G‖_F + {norm.eps:g})  ({norm.kind})",
+        f"input       X = G / max({norm.scale:g}·‖G‖_F, {norm.eps:g})  ({norm.kind})",
     ]
     if table.description:
         lines.append(f"description {table.description}")

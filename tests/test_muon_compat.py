@@ -159,3 +159,13 @@ def test_the_tables_eps_is_the_normalisers_floor_and_eps_overrides_it():
     assert torch.equal(direction(table=table, eps=1e-9), overridden)
     assert not torch.allclose(expected, overridden)  # the floor is active at this gradient scale
     assert ROOT(params(), table=table).param_groups[0]["eps"] is None  # None: the table's, at each step
+
+
+def test_show_prints_the_normalisation_the_runtime_uses():
+    from typer.testing import CliRunner
+
+    from calibrate.cli import app, with_default_command
+
+    shown = CliRunner().invoke(app, with_default_command(["show", "polar-express"]))
+    assert shown.exit_code == 0, shown.output
+    assert "X = G / max(1.02·‖G‖_F, 1e-06)" in shown.output
