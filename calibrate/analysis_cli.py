@@ -180,6 +180,6 @@ def show_command(
 
 @app.command("list", epilog=LIST_EXAMPLES)
 def list_command() -> None:
-    """Bundled tables and those under $ROOT_COEFF_TABLES, with their versions."""
+    """Tables on the search path ($ROOT_COEFF_TABLES, your table folder, bundled), with their versions."""
     frame = list_tables()
     print(left_aligned(frame) if not frame.empty else "no coefficient tables found")

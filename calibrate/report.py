@@ -182,12 +182,14 @@ def list_tables() -> pd.DataFrame:
 
 
 def _location(name: str) -> str:
-    """'bundled', or the ``ROOT_COEFF_TABLES`` folder(s) holding the name."""
+    """The folder the name's versions come from ('bundled' for the package's): the first on the search
+    path that holds it; the later ones it hides are named too, since their versions do not load by name."""
     places = []
     for directory in table_search_path():
-        if (directory / name).is_dir():
+        if any((directory / name).glob("v*.json")):
             places.append("bundled" if Path(directory) == BUNDLED_TABLES_DIR else str(directory))
-    return ", ".join(dict.fromkeys(places))
+    owner, *hidden = dict.fromkeys(places)
+    return owner + (f" (hides {', '.join(hidden)})" if hidden else "")
 
 
 def _description(spec: str) -> str:

@@ -91,3 +91,12 @@ def test_calibrate_writes_to_the_user_folder_and_prints_the_table_spec(monkeypat
         assert hint == f'load it with ROOT(..., table="{spec}")'
     spec = re.fullmatch(r'load it with ROOT\(\.\.\., table="(.+)"\)', hint)[1]
     assert load_table(spec) == load_table(Path(last))  # the printed spec loads the table just written
+
+
+def test_list_names_the_folder_a_table_loads_from_and_what_it_hides():
+    from calibrate.report import list_tables
+
+    save_table(CoefficientTable.create(name="muon", default_rows=OTHER), user_tables_dir())
+    rows = list_tables().set_index("name")
+    assert rows.loc["muon", "location"] == f"{user_tables_dir()} (hides bundled)"
+    assert rows.loc["classic", "location"] == "bundled"
