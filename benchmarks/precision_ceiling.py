@@ -61,7 +61,11 @@ def ceiling_row(key, args, table) -> str:
     muon = float(sample_errors(spectra, load_table("muon").schedule_for(key)).mean())
     oracle = {}
     for form in ("per-step", "shared"):
-        settings = FitSettings(form=form, iterations=args.iterations, max_gain=args.max_gain)
+        # The mean fit: the robust default would also hold the rows to Polar Express on stress sets,
+        # which is a constraint on top of the best mean error, not the best mean error.
+        settings = FitSettings(
+            form=form, iterations=args.iterations, max_gain=args.max_gain, criterion="mean"
+        )
         oracle[form] = float(sample_errors(spectra, fit(spectra, settings).schedule).mean())
     reachable = "yes" if oracle["per-step"] <= polar / 2 else "**no**"
     print(f"{format_shape(key)}: {len(samples)} {args.set} matrices", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 
@@ -63,3 +64,25 @@ def test_independent_set_and_headroom_of_a_table(tmp_path):
     assert next(line for line in result.stdout.splitlines() if line.startswith("| 8x32 |")).endswith(
         "| — | — |"
     )
+
+
+def test_oracle_is_the_mean_fit(monkeypatch):
+    """The oracle is the best mean error under the bound, not the robust fit's constrained optimum."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import precision_ceiling
+
+    from calibrate.sampling.synthetic import synthetic_sample
+
+    samples = [synthetic_sample((16, 48), i, seed=0, family="low_rank_noise") for i in range(2)]
+    monkeypatch.setitem(precision_ceiling.SETS, "held-out", lambda key, args: samples)
+    criteria = []
+    real_fit = precision_ceiling.fit
+
+    def recording_fit(spectra, settings):
+        criteria.append(settings.criterion)
+        return real_fit(spectra, settings)
+
+    monkeypatch.setattr(precision_ceiling, "fit", recording_fit)
+    args = argparse.Namespace(set="held-out", iterations=2, max_gain=1.25)
+    assert precision_ceiling.ceiling_row((16, 48), args, None).startswith("| 16x48 | 2 |")
+    assert criteria == ["mean", "mean"]
