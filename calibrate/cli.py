@@ -20,7 +20,7 @@ from root_core.tables import TableError, table_spec_for, user_tables_dir
 from . import ranks
 from .app import EXAMPLES, app, check_out_dir, err, fail, out, print_error, resolve_device
 from .errors import CalibrationError
-from .fit import BACKENDS, SCHEDULE_FORMS, FitSettings
+from .fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
 from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
 from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
 from .progress import stages
@@ -108,6 +108,22 @@ def calibrate_command(
     backend: Annotated[str, typer.Option(help=f"One of {', '.join(BACKENDS)}")] = "scipy",
     storage: Annotated[str | None, typer.Option(help="optuna storage URL, e.g. sqlite:///study.db")] = None,
     iterations: Annotated[int, typer.Option(help="Search generations (optuna: ×10 trials)")] = 200,
+    fit_criterion: Annotated[
+        str,
+        typer.Option(
+            "--fit",
+            help=f"One of {', '.join(FIT_CRITERIA)}: robust = mean error, but no worse than Polar Express "
+            "(shared: Muon) on deep-tail stress variants of the samples; mean = mean error alone",
+        ),
+    ] = "robust",
+    keep_fitted: Annotated[
+        bool,
+        typer.Option(
+            "--keep-fitted",
+            help="Ship the fitted rows even at shapes where they lose to Polar Express (shared: Muon) "
+            "on validation; by default such shapes get the baseline's rows",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for samples, split and search")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out_dir: Annotated[
@@ -156,9 +172,11 @@ def calibrate_command(
                 seed=seed,
                 iterations=iterations,
                 storage=storage,
+                criterion=fit_criterion,
             ),
             cache_dir=None if no_cache else cache or default_cache_dir(),
             check_samples=check_samples,
+            keep_fitted=keep_fitted,
             command=_command_line(),
         )
         request.shapes, request.layer_shapes = resolve_shapes(shapes, arch, config)
@@ -189,6 +207,9 @@ def calibrate_as(team: ranks.Team, checked_request, quiet: bool) -> int:
             err.print(line, markup=False, highlight=False, soft_wrap=True)
         if not quiet:
             out.print(summary(results, request.name))
+        for result in results:  # a fallback changes what the table holds: said even with --quiet
+            if result.note:
+                err.print(f"note: {result.note}", markup=False, highlight=False, soft_wrap=True)
         # The path stays the last line, for scripts; the line before says how to use the table.
         hint = f'load it with ROOT(..., table="{table_spec_for(path)}")'
         out.print(hint, markup=False, highlight=False, soft_wrap=True)
@@ -285,7 +306,7 @@ def summary(results: list[ShapeResult], name: str = "calibrated") -> Table:
                 f"{sum(errors) / len(errors):.4f}",
                 _fmt(matrix.get("float32")),
                 _fmt(matrix.get("bfloat16")),
-                f"{result.fit.safety.high:.4f}" if label == "calibrated" else "",
+                "" if (bound := result.bound_for(label)) is None else f"{bound:.4f}",
             )
     return table
 
