@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,6 +54,10 @@ GROUP_TABLE_KEY = "root_table"  # "name@version", for messages
 GROUP_TABLE_HASH_KEY = "root_table_hash"  # the table's coefficients_hash: what a resume checks
 # Where checkpoints written before the identity moved into the groups kept it (a dict: table.ref).
 LEGACY_STATE_TABLE_KEY = "root_table"
+# Same-shape matrices are clipped and orthogonalised together, up to this many elements per batch (one
+# 4096×4096 matrix): batching pays where matrices are small and per-call overhead dominates, while a
+# stack of large ones only multiplies the step's workspace (a 7B model holds 128 q/k/v/o matrices).
+BATCH_ELEMENTS = 4096 * 4096
 
 
 class ROOT(torch.optim.Optimizer):
@@ -114,6 +119,7 @@ class ROOT(torch.optim.Optimizer):
         self.table: CoefficientTable = load_table(_table_spec(table, ns_coefficients))
         self.missing_shape = missing_shape
         self._schedules: dict[tuple[tuple[int, int], int | None], Schedule] = {}
+        self._layouts: dict[int, GroupLayout] = {}  # per param group index, built in add_param_group
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -151,6 +157,7 @@ class ROOT(torch.optim.Optimizer):
                 )
             if _routes_to_root(group, p):
                 self._schedule_for(p, group["ns_steps"])  # fail (or warn) now, not mid-training
+        self._layouts[len(self.param_groups) - 1] = group_layout(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -161,6 +168,7 @@ class ROOT(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.update(self._table_keys())
+        self._layouts = {index: group_layout(group) for index, group in enumerate(self.param_groups)}
 
     def _table_keys(self) -> dict[str, str]:
         return {
@@ -177,33 +185,44 @@ class ROOT(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in every torch optimizer)."""
+        """Perform one optimisation step (``closure`` re-evaluates the loss, as in every torch optimizer).
+
+        Same-shape matrices step as one batch (see :func:`group_layout`). Nothing in it syncs with the
+        host or branches on tensor values, so ``torch.compile(opt.step, fullgraph=True)`` traces it whole
+        (pass a tensor ``lr`` there, so that a scheduler changing it does not recompile).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            root_params, adamw_params = [], []
+        for index, group in enumerate(self.param_groups):
+            layout = self._layout_of(index, group)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("ROOT does not support sparse gradients")
-                (root_params if _routes_to_root(group, p) else adamw_params).append(p)
-            if root_params:
-                self._root_updates(root_params, group)
+            self._root_updates(layout, group)
+            adamw_params = [p for p in layout.adamw if p.grad is not None]
             if adamw_params:
                 self._adamw_update(adamw_params, group)
         return loss
 
-    def _root_updates(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """Step one group's matrices: alone, or with the NS work shared across ranks (distributed.py)."""
-        sharded = [p for p in params if is_dtensor(p)]
-        replicated = [p for p in params if not is_dtensor(p)]
+    def _layout_of(self, index: int, group: dict[str, Any]) -> GroupLayout:
+        """The group's layout from construction; rebuilt only if its parameter list was replaced."""
+        layout = self._layouts.get(index)
+        if layout is None or layout.params is not group["params"] or layout.count != len(group["params"]):
+            layout = self._layouts[index] = group_layout(group)
+        return layout
+
+    def _root_updates(self, layout: GroupLayout, group: dict[str, Any]) -> None:
+        """Step one group's matrices: in same-shape batches, or with the NS work shared across ranks."""
+        sharded = [p for p in layout.sharded if p.grad is not None]
+        replicated = [p for p in layout.replicated if p.grad is not None]
         process_group = resolve_data_parallel(self.data_parallel) if replicated else None
         if process_group is None:
-            for p in replicated:
-                self._root_update(p, group)
+            for batch in layout.batches:
+                ready = [p for p in batch if p.grad is not None]
+                if ready:
+                    self._batch_update(ready, group)
         elif replicated:
             updates = [self._momentum_update(p, group) for p in replicated]
             directions = orthogonalize_replicated(
@@ -216,9 +235,14 @@ class ROOT(torch.optim.Optimizer):
             directions = orthogonalize_sharded(sharded, updates, lambda batch: self._directions(batch, group))
             self._apply_updates(sharded, directions, group)
 
-    def _root_update(self, p: Tensor, group: dict[str, Any]) -> None:
-        update = self._momentum_update(p, group)
-        self._apply_updates([p], [self._directions(update, group)], group)
+    def _batch_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Step matrices of one shape: one clip and one NS call for all (a lone matrix is not stacked)."""
+        updates = [self._momentum_update(p, group) for p in params]
+        if len(updates) == 1:
+            directions = [self._directions(updates[0], group)]
+        else:
+            directions = list(self._directions(torch.stack(updates), group).unbind(0))
+        self._apply_updates(params, directions, group)
 
     def _momentum_update(self, p: Tensor, group: dict[str, Any]) -> Tensor:
         """Step the momentum buffer; return the (Nesterov) update as a matrix of this rank's rows."""
@@ -249,7 +273,7 @@ class ROOT(torch.optim.Optimizer):
 
     def _apply_updates(self, params: list[Tensor], directions: list[Tensor], group: dict[str, Any]) -> None:
         """Weight decay and the step, on each rank's own rows (a DTensor's local shard)."""
-        lr = _scalar(group["lr"])
+        lr = _lr(group["lr"])  # a tensor lr stays a tensor, as in torch.optim.Muon: no host sync
         for p, direction in zip(params, directions, strict=True):
             local = local_tensor(p)
             local.mul_(1 - lr * group["weight_decay"])
@@ -280,7 +304,7 @@ class ROOT(torch.optim.Optimizer):
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            lr=_scalar(group["lr"]),
+            lr=_lr(group["lr"]),
             weight_decay=group["weight_decay"],
             eps=group["adamw_eps"],
             maximize=False,
@@ -394,12 +418,59 @@ def clipped_direction(
     return orthogonalize(update, schedule, eps=eps, dtype=ns_dtype)
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
-    """``torch.optim.Muon``'s rule: "original" (Keller Jordan) or "match_rms_adamw" (Moonlight)."""
+def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float | Tensor:
+    """``torch.optim.Muon``'s rule: "original" (Keller Jordan) or "match_rms_adamw" (Moonlight).
+
+    The ratio is formed first and lr multiplied once, in Muon's order, so a tensor lr rounds as Muon's.
+    """
     rows, cols = shape
     if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
+        return lr * (0.2 * math.sqrt(max(rows, cols)))
     return lr * math.sqrt(max(1.0, rows / cols))
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """A param group's parameters by route, fixed at construction so the step does no sorting of its own."""
+
+    params: list[Tensor]  # the group's own list, to notice when it is replaced
+    count: int
+    adamw: tuple[Tensor, ...]
+    replicated: tuple[Tensor, ...]  # plain matrices, in group order (the order every DDP rank shares)
+    sharded: tuple[Tensor, ...]  # DTensor matrices (FSDP2)
+    batches: tuple[tuple[Tensor, ...], ...]  # ``replicated`` by shape, dtype and device
+
+
+def group_layout(group: dict[str, Any], max_elements: int | None = None) -> GroupLayout:
+    """Route a group's parameters and batch its plain matrices by matrix shape, dtype and device.
+
+    Batches keep the order of first appearance and hold at most ``max_elements`` (default
+    :data:`BATCH_ELEMENTS`) elements, but always one matrix. Tall and wide matrices of one shape batch
+    apart: stacked transposed, a matrix would reach the norm and the matmuls in another memory order,
+    which can change its bits (untested), and bit-identity with ``torch.optim.Muon`` is the contract.
+    """
+    budget = BATCH_ELEMENTS if max_elements is None else max_elements
+    adamw, replicated, sharded = [], [], []
+    for p in group["params"]:
+        if not _routes_to_root(group, p):
+            adamw.append(p)
+        else:
+            (sharded if is_dtensor(p) else replicated).append(p)
+    same_shape: dict[tuple[Any, ...], list[Tensor]] = {}
+    for p in replicated:
+        same_shape.setdefault((_matrix_shape(p), p.dtype, p.device), []).append(p)
+    batches = []
+    for ((rows, cols), _, _), members in same_shape.items():
+        size = max(1, budget // max(1, rows * cols))
+        batches.extend(tuple(members[start : start + size]) for start in range(0, len(members), size))
+    return GroupLayout(
+        params=group["params"],
+        count=len(group["params"]),
+        adamw=tuple(adamw),
+        replicated=tuple(replicated),
+        sharded=tuple(sharded),
+        batches=tuple(batches),
+    )
 
 
 def _routes_to_root(group: dict[str, Any], p: Tensor) -> bool:
@@ -448,8 +519,14 @@ def _check_lr(lr: Any) -> None:
 
 
 def _scalar(value: float | Tensor) -> float:
-    """A group's lr as a Python number; torch optimizers accept a 1-element tensor (LR schedulers fill it)."""
+    """A group's lr as a Python number, for checks at construction (``.item()`` syncs: never in the step)."""
     return value.item() if isinstance(value, Tensor) else value
+
+
+def _lr(value: float | Tensor) -> float | Tensor:
+    """A group's lr for the step: a number, or a 1-element tensor squeezed to 0-d (as torch's
+    ``_to_scalar``), kept a tensor so the step has no host sync and a compiled step reads its value."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
 def _validate_group(group: dict[str, Any]) -> None:
