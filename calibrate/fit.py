@@ -388,7 +388,7 @@ def _search_optuna(
     first (the others load them), only the creator adds the start points (as finished trials, so no two
     workers can take the same queued one), and all workers together stop at iterations × 10 finished
     trials, so a resume of a finished study adds none. The budget counts COMPLETE trials only: a worker
-    killed mid-trial leaves that trial RUNNING for good (no heartbeat: it doubled the time per trial on
+    killed mid-trial leaves that trial RUNNING for good (no heartbeat: 17% more search time on
     PostgreSQL, benchmarks/RESULTS.md), and the others, or a re-run, make up for it.
     """
     import optuna
