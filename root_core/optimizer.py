@@ -27,12 +27,12 @@ from .distributed import (
     orthogonalize_sharded,
     resolve_data_parallel,
 )
-from .newton_schulz import default_ns_dtype, orthogonalize
+from .newton_schulz import NS_FORMS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
 from .schedule import DEFAULT_EPS, Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
-from .tables import MISSING_POLICIES, CoefficientTable, TableError, load_table
+from .tables import MISSING_POLICIES, CoefficientTable, TableEntry, TableError, load_table
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,6 +48,7 @@ DEFAULT_ADAMW_BETAS = (0.9, 0.95)
 DEFAULT_ADAMW_EPS = 1e-8
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 MAX_NS_STEPS = 100  # as torch.optim.Muon: more steps is a mistake, not a setting
+NS_FORM_CHOICES = (None, *NS_FORMS)  # None: the table entry's form, else "standard"
 # Each param group names the table its state belongs to, as plain strings: torch.distributed.checkpoint's
 # get_optimizer_state_dict keeps param-group keys but drops any other top-level key of state_dict().
 GROUP_TABLE_KEY = "root_table"  # "name@version", for messages
@@ -75,7 +76,10 @@ class ROOT(torch.optim.Optimizer):
         outlier_quantile: quantile of |update| at which the update is clipped before NS (ROOT's
             soft-threshold); ``None`` switches it off.
         ns_steps: steps per NS call; ``None`` runs the table's own count.
-        ns_dtype: NS iteration dtype; ``None`` is bf16 on CUDA, float32 on CPU.
+        ns_dtype: NS iteration dtype; ``None`` is bf16 on CUDA (fp16 for the Gram form), float32 on CPU.
+        ns_form: ``"standard"`` (iterate on X, as Muon), ``"gram"`` (on the m×m Gram matrix with restarts:
+            fewer flops when one side is over 1.5× the other, see :func:`gram_newton_schulz`) or ``None``
+            (default): the table entry's ``form`` for the shape, else ``"standard"``.
         missing_shape: ``"default"``, ``"error"`` or ``"nearest"`` for shapes the table does not list.
         adamw_betas, adamw_eps: AdamW settings for groups with ``use_root=False`` and for parameters
             that are not matrices (a group's ``use_root=None`` decides per parameter by ``ndim``).
@@ -106,6 +110,7 @@ class ROOT(torch.optim.Optimizer):
         ns_steps: int | None = None,
         adjust_lr_fn: str | None = None,
         ns_dtype: torch.dtype | str | None = None,
+        ns_form: str | None = None,
         missing_shape: str = "default",
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = DEFAULT_ADAMW_EPS,
@@ -130,6 +135,7 @@ class ROOT(torch.optim.Optimizer):
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=_dtype_name(ns_dtype),
+            ns_form=ns_form,
             use_root=None,
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
@@ -263,12 +269,15 @@ class ROOT(torch.optim.Optimizer):
     def _directions(self, update: Tensor, group: dict[str, Any]) -> Tensor:
         """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices."""
         eps = self.table.normalization.eps if group["eps"] is None else group["eps"]
+        shape = tuple(update.shape[-2:])
+        form = group.get("ns_form") or _entry_form(self.table.entry(shape))  # .get: older checkpoints
         return clipped_direction(
             update,
-            self._schedule_for_shape(tuple(update.shape[-2:]), group["ns_steps"]),
+            self._schedule_for_shape(shape, group["ns_steps"]),
             outlier_quantile=group["outlier_quantile"],
             eps=eps,
-            ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(update.device),
+            ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(update.device, form),
+            form=form,
         )
 
     def _apply_updates(self, params: list[Tensor], directions: list[Tensor], group: dict[str, Any]) -> None:
@@ -411,11 +420,12 @@ def clipped_direction(
     outlier_quantile: float | None,
     eps: float,
     ns_dtype: torch.dtype,
+    form: str = "standard",
 ) -> Tensor:
     """The whole-matrix half of :func:`root_direction`, matrix by matrix over any batch dimensions."""
     if outlier_quantile is not None:
         update = clip_to_quantile(update, outlier_quantile)
-    return orthogonalize(update, schedule, eps=eps, dtype=ns_dtype)
+    return orthogonalize(update, schedule, eps=eps, dtype=ns_dtype, form=form)
 
 
 def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float | Tensor:
@@ -529,6 +539,10 @@ def _lr(value: float | Tensor) -> float | Tensor:
     return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
+def _entry_form(entry: TableEntry | None) -> str:
+    return entry.form if entry is not None and entry.form is not None else "standard"
+
+
 def _validate_group(group: dict[str, Any]) -> None:
     _check_lr(group["lr"])
     _check_range("lr", _scalar(group["lr"]), low=0.0)
@@ -551,6 +565,8 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"adamw_betas must be two numbers, got {betas!r}")
     for beta in betas:
         _check_range("adamw_betas", beta, low=0.0, high=1.0, high_open=True)
+    if group.get("ns_form") not in NS_FORM_CHOICES:
+        raise ValueError(f"ns_form must be one of {NS_FORM_CHOICES}, got {group['ns_form']!r}")
     if group["use_root"] not in (None, True, False):
         raise ValueError(f"use_root must be None, True or False, got {group['use_root']!r}")
 

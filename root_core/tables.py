@@ -13,7 +13,7 @@ Schema version 1, in JSON::
      "normalization": {"kind": "frobenius", "scale": 1.0, "eps": 1e-07},
      "default": {"coefficients": [[a, b, c], ...], "steps": 5},          # steps optional
      "entries": [{"shape": [min, max], "coefficients": [[a, b, c], ...],
-                  "steps": 5, "metrics": {...}}, ...],                     # steps, metrics optional
+                  "steps": 5, "form": "gram", "metrics": {...}}, ...],     # steps, form, metrics optional
      "provenance": {...},
      "content_hash": "sha256:..."}                           # optional on input, always written
 
@@ -117,12 +117,15 @@ class TableEntry:
     shape: tuple[int, int]
     coefficients: tuple[Row, ...]
     steps: int | None = None
+    form: str | None = None  # "standard" or "gram"; None runs the standard form (older tables)
     metrics: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"shape": list(self.shape), "coefficients": _rows_out(self.coefficients)}
         if self.steps is not None:
             data["steps"] = self.steps
+        if self.form is not None:  # absent when unset, so older tables keep their bytes and hashes
+            data["form"] = self.form
         data["metrics"] = _copy_json(self.metrics)
         return data
 
@@ -135,9 +138,9 @@ class CoefficientTable:
     raises ``TableError``. ``content_hash`` is computed, never passed: it is the sha256 of the canonical JSON
     of everything except ``created`` and the hash itself, so it names the file's content, not when it was
     written. ``coefficients_hash`` covers only what the iteration uses (normalisation, default and entry
-    rows and steps): two tables with the same numbers but other metrics or provenance share it, and it is
-    what a resumed optimizer checks. Treat ``provenance`` and entry ``metrics`` as read-only: the hashes
-    are taken at construction.
+    rows, steps and forms): two tables with the same numbers but other metrics or provenance share it,
+    and it is what a resumed optimizer checks. Treat ``provenance`` and entry ``metrics`` as read-only:
+    the hashes are taken at construction.
     """
 
     schema: int = SCHEMA_VERSION
@@ -300,7 +303,7 @@ class CoefficientTable:
 
     def rows_differing_from(self, other: CoefficientTable) -> list[str]:
         """What the iteration would do differently with ``other``: "normalization", "default rows" and
-        the listed shapes (``MxN``) whose rows or steps differ or that only one of the two lists."""
+        the listed shapes (``MxN``) whose rows, steps or form differ or that only one of the two lists."""
         differ = []
         if self.normalization != other.normalization:
             differ.append("normalization")
@@ -308,7 +311,9 @@ class CoefficientTable:
             differ.append("default rows")
         for shape in sorted(set(self._by_shape) | set(other._by_shape)):
             mine, theirs = self._by_shape.get(shape), other._by_shape.get(shape)
-            if (mine and (mine.coefficients, mine.steps)) != (theirs and (theirs.coefficients, theirs.steps)):
+            if (mine and (mine.coefficients, mine.steps, mine.form)) != (
+                theirs and (theirs.coefficients, theirs.steps, theirs.form)
+            ):
                 differ.append(f"{shape[0]}x{shape[1]}")
         return differ
 
@@ -408,6 +413,8 @@ def _entry_raw(entry: TableEntry) -> dict[str, Any]:
     raw = {"shape": entry.shape, "coefficients": entry.coefficients, "metrics": entry.metrics}
     if entry.steps is not None:
         raw["steps"] = entry.steps
+    if entry.form is not None:
+        raw["form"] = entry.form
     return raw
 
 
@@ -582,6 +589,7 @@ def _parse_table(raw: Any, source: str) -> tuple[dict[str, Any], str | None]:
             shape=(int(item["shape"][0]), int(item["shape"][1])),
             coefficients=_rows(item["coefficients"]),
             steps=int(item["steps"]) if "steps" in item else None,
+            form=item.get("form"),
             metrics=_copy_json(item.get("metrics", {})),
         )
         for item in raw["entries"]
