@@ -1,6 +1,6 @@
 """The calibration run, stage by stage: samples → clip → spectra → fit → matrix check → table.
 
-Plain functions with the CLI as a thin layer on top (``calibrate/cli.py``).
+Plain functions with the CLI as a thin layer on top (``calibrate/cli/``).
 """
 
 from __future__ import annotations

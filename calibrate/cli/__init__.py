@@ -17,18 +17,18 @@ from rich.table import Table
 
 from root_core.tables import TableError, table_spec_for, user_tables_dir
 
-from . import ranks
+from .. import ranks
+from ..errors import CalibrationError
+from ..fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
+from ..objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
+from ..pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
+from ..progress import stages
+from ..sampling.mix import parse_ratio
+from ..sampling.probes import DEFAULT_PROBES, parse_probes
+from ..sampling.real import validate_real_paths
+from ..sampling.synthetic import FAMILIES
+from ..shapes import format_shape, parse_shapes, resolve_shapes
 from .app import EXAMPLES, app, check_out_dir, err, fail, out, print_error, resolve_device
-from .errors import CalibrationError
-from .fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
-from .objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
-from .pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
-from .progress import stages
-from .sampling.mix import parse_ratio
-from .sampling.probes import DEFAULT_PROBES, parse_probes
-from .sampling.real import validate_real_paths
-from .sampling.synthetic import FAMILIES
-from .shapes import format_shape, parse_shapes, resolve_shapes
 
 PROBES_HELP = (
     "Harvester probes, FAMILY-OPTIMIZER, comma-separated; samples cycle through them. Default: "
@@ -233,7 +233,7 @@ def harvest_command(
 ) -> None:
     """Record real momentum (Muon's and AdamW's) from small byte-level LMs at early, middle and late
     steps of training on text; save it for --real."""
-    from .sampling.harvest import harvest, harvest_run_steps, resolve_steps, save_harvest
+    from ..sampling.harvest import harvest, harvest_run_steps, resolve_steps, save_harvest
 
     try:
         keys = parse_shapes(shapes)
@@ -346,8 +346,8 @@ def main() -> None:
 
 
 # Registers plot, report, show and list on app after calibrate and harvest, so --help lists them in that
-# order; analysis_cli imports app.py, never this module, so this is no import cycle.
-from . import analysis_cli  # noqa: E402,F401
+# order; analysis.py imports app.py, never this module, so this is no import cycle.
+from . import analysis  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -11,11 +11,10 @@ from typing import Annotated
 
 import typer
 
-from .app import app, check_out_dir, err, fail, out, resolve_device
-from .errors import CalibrationError
-from .precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
-from .progress import stages
-from .report import (
+from ..errors import CalibrationError
+from ..precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
+from ..progress import stages
+from ..report import (
     REPORT_FORMATS,
     format_sampled_report,
     left_aligned,
@@ -23,7 +22,8 @@ from .report import (
     load_for_show,
     show_table,
 )
-from .shapes import format_shape
+from ..shapes import format_shape
+from .app import app, check_out_dir, err, fail, out, resolve_device
 
 PLOT_EXAMPLES = """
 Examples:
@@ -103,7 +103,7 @@ def plot_command(
     quiet: Quiet = False,
 ) -> None:
     """Per shape: error vs iterations, transfer curve P(σ), error over training (harvest samples)."""
-    from .plots import write_figures  # matplotlib loads only for this command
+    from ..plots import write_figures  # matplotlib loads only for this command
 
     try:
         if fmt not in FIGURE_FORMATS:
@@ -144,13 +144,13 @@ def report_command(
     ] = False,
 ) -> None:
     """Mean / p95 error (float64 spectral, bf16 matrix), bound on (0, 1], steps, ratio to each baseline."""
-    from .precision import report_frame
+    from ..precision import report_frame
 
     try:
         if fmt not in REPORT_FORMATS:
             raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(REPORT_FORMATS)}")
         if real:
-            from .real_report import real_report_text
+            from ..real_report import real_report_text
 
             text, warnings = real_report_text(tables, real, fmt, real_is_momentum, resolve_device(device))
             print(text, flush=True)
