@@ -1,4 +1,4 @@
-"""``root-calibrate plot | report | show | list``: precision against the SVD, registered on ``app.app``.
+"""``root-calibrate plot | report | show | list``: precision against the SVD, registered on ``cli.app.app``.
 
 Thin commands over ``precision`` (the numbers), ``plots`` and ``report``; every domain error is one line
 and exit code 1, checked before any sample is drawn, and figures are written only once all are drawn.

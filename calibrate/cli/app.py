@@ -1,9 +1,9 @@
 """The typer ``app`` of ``root-calibrate`` and what every command shares: consoles, one-line errors,
 output and device checks.
 
-``cli.py`` (calibrate, harvest; the entry point ``calibrate.cli:main``) and ``analysis_cli.py`` (plot,
-report, show, list) both register their commands on this ``app``; neither imports the other's commands
-at import time but through ``cli.py`` importing ``analysis_cli``, so there is no import cycle.
+``cli/__init__.py`` (calibrate, harvest; the entry point ``calibrate.cli:main``) and ``cli/analysis.py``
+(plot, report, show, list) both register their commands on this ``app``. ``analysis`` imports only this
+module, and ``__init__`` imports ``analysis`` last, so there is no import cycle.
 """
 
 from __future__ import annotations
