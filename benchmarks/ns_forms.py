@@ -3,7 +3,7 @@
 Four tables (issue 13):
 
 1. Time of one ``orthogonalize`` call per form at each ``--shapes`` entry, in ``--dtype``, Polar
-   Express rows; the calls alternate (standard, Gram, standard, …) so load drifts hit both; medians,
+   Express rows; the calls alternate (standard, Gram, Gram, standard, …) so load drifts hit both; medians,
    and the flop ratio the cost model predicts (``gram_newton_schulz``'s docstring).
 2. Error of each form against a float64 SVD of the same matrix, for Polar Express's and Muon's rows:
    against the polar factor U Vᵀ (what NS is for), and against U·P(Σ)·Vᵀ (what these rows give in
@@ -143,9 +143,10 @@ def speed_lines(shapes, device, dtype, repeats, schedule) -> tuple[list[str], di
             for call in calls.values():
                 timed(call, device)
         times = {name: [] for name in calls}
-        for _ in range(repeats):
-            for name, call in calls.items():
-                times[name].append(timed(call, device))
+        for repeat in range(repeats):
+            order = list(calls) if repeat % 2 == 0 else list(reversed(calls))  # drift hits both alike
+            for name in order:
+                times[name].append(timed(calls[name], device))
         median = {name: statistics.median(values) for name, values in times.items()}
         lines.append(
             f"| {m}×{n} | {median['standard']:.3f} | {median['gram']:.3f} | "

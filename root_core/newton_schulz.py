@@ -26,8 +26,9 @@ GRAM_RESTART_EVERY = 2
 def default_ns_dtype(device: torch.device | str, form: str = "standard") -> torch.dtype:
     """bf16 where tensor cores make it fast and Muon-family training uses it; float32 on the CPU.
 
-    The Gram form gets fp16 on CUDA instead, as in Dao-AILab/gram-newton-schulz: in bf16 its error
-    measured 1.5–5× the standard form's, in fp16 about 1–2× (benchmarks/RESULTS.md, issue 13).
+    The Gram form gets fp16 on CUDA instead, as in Dao-AILab/gram-newton-schulz: its fp16 error
+    (5 steps: ≤ 5.3e-3 on Gaussian, ≤ 1.8e-2 on power-law spectra) stays below the standard form's in bf16
+    (1.1e-2, 1.1e-1), while its own bf16 error is up to 3.9× that (benchmarks/RESULTS.md, issue 13).
     """
     if torch.device(device).type != "cuda":
         return torch.float32
@@ -135,10 +136,11 @@ def gram_newton_schulz(
     n > 1.5m, most when n ≫ m, and loses on square matrices.
 
     Numerics, with the default restarts, against float64 SVD (benchmarks/RESULTS.md, issue 13): on
-    rectangular inputs the error is about the standard form's in float32 (≤ 1.2×, both ~1e-5), 1–2×
-    it in fp16 and 1.5–5× in bf16 (8 bits against fp16's 11), hence fp16 or float32 for this form; on
-    square inputs, where it saves nothing, 2–20× (their σ reach down to 0). Without restarts power-law
-    spectra drift 100× in float32 and overflow fp16.
+    rectangular inputs the error is the standard form's in float32 (1.0–1.2× for 5 steps, ≤ 2× for 10),
+    0.9–4.4× it in fp16 and 0.9–3.9× in bf16; fp16 Gram is still more accurate than bf16 standard NS,
+    so use float32 or fp16 (bf16 has 8 bits to fp16's 11). On square inputs, where it saves nothing,
+    2–20× (their σ reach down to 0). Without restarts, power-law spectra drift 12–12000× in float32 and
+    overflow fp16.
     """
     batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
     X = X.reshape(-1, m, n)
