@@ -149,3 +149,20 @@ def test_dcp_save_and_load_on_disk_carry_the_table(tmp_path):
     assert layout["param_groups"][0][GROUP_TABLE_KEY] == "root-paper@1"
     with pytest.raises(ValueError, match=re.escape("rows differ for 2048x2048, 2048x3072")):
         set_optimizer_state_dict(other, muon, layout)
+
+
+def test_checkpoints_from_before_the_baselines_notes_moved_still_resume():
+    """muon/polar-express/root-paper@1 changed only their provenance note (the citation now points at
+    docs/design.md); a pre-coefficients_hash checkpoint carries the old content hash and must resume."""
+    _, optimizer = trained("root-paper")
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        del group[GROUP_TABLE_KEY], group[GROUP_TABLE_HASH_KEY]
+    before_note_change = "sha256:b0accf50936696ffd9f090e1e52419c9cc83e2d5ceedb187cfdea47e139d409b"
+    legacy = {
+        **copy.deepcopy(state),
+        LEGACY_STATE_TABLE_KEY: {"name": "root-paper", "version": 1, "content_hash": before_note_change},
+    }
+    ROOT(model().parameters(), table="root-paper").load_state_dict(copy.deepcopy(legacy))
+    with pytest.raises(ValueError, match=re.escape("rows differ for 2048x2048")):
+        ROOT(model().parameters(), table="muon").load_state_dict(copy.deepcopy(legacy))

@@ -432,7 +432,7 @@ def test_content_hash_ignores_created_and_entry_order():
     assert changed.content_hash != table.content_hash
     # Pinned: the hash is part of checkpoints (table.ref), so its definition must not drift silently.
     assert load_table("muon").content_hash == (
-        "sha256:9fae7e12153b5c7f09df10d395429baefa4f46585dab7aafbba4f5b3b14b18f6"
+        "sha256:5502939672282a62ea6d0b086c83eb1af337e45220576408f446ad8efcb59852"
     )
 
 
