@@ -143,7 +143,7 @@ def small_model() -> nn.Module:
     )
 
 
-def compiled_and_eager_runs(backend: str, steps: int = 2):
+def compiled_and_eager_runs(backend: str, steps: int = 2, ns_form: str | None = None):
     """Two copies of a small model, one stepped by torch.compile(opt.step, fullgraph=True), one eagerly."""
     torch._dynamo.reset()
     start = small_model()
@@ -153,7 +153,7 @@ def compiled_and_eager_runs(backend: str, steps: int = 2):
         model = copy.deepcopy(start)
         groups = root_param_groups(model, adamw_lr=torch.tensor(3e-3))
         models.append(model)
-        optimizers.append(ROOT(groups, lr=torch.tensor(0.02), ns_dtype=torch.float32))
+        optimizers.append(ROOT(groups, lr=torch.tensor(0.02), ns_dtype=torch.float32, ns_form=ns_form))
     compiled_step = torch.compile(optimizers[1].step, fullgraph=True, backend=backend)  # raises on a break
     for _ in range(steps):
         for model in models:
@@ -182,6 +182,11 @@ def test_the_step_traces_whole_and_a_tensor_lr_changes_without_recompiling():
         compiled_step()
     eager_opt.step()
     assert_compiled_matches_eager(start, eager, compiled)  # the halved lr reached the compiled step
+
+
+def test_the_gram_form_step_traces_whole_too():
+    start, (eager, compiled), _, _ = compiled_and_eager_runs("eager", ns_form="gram")
+    assert_compiled_matches_eager(start, eager, compiled)
 
 
 @pytest.mark.slow
