@@ -124,6 +124,7 @@ class ROOT(torch.optim.Optimizer):
         self.table: CoefficientTable = load_table(_table_spec(table, ns_coefficients))
         self.missing_shape = missing_shape
         self._schedules: dict[tuple[tuple[int, int], int | None], Schedule] = {}
+        self._forms: dict[tuple[int, int], str] = {}  # canonical shape → the table entry's NS form
         self._layouts: dict[int, GroupLayout] = {}  # per param group index, built in add_param_group
         defaults = dict(
             lr=lr,
@@ -163,11 +164,13 @@ class ROOT(torch.optim.Optimizer):
                 )
             if _routes_to_root(group, p):
                 self._schedule_for(p, group["ns_steps"])  # fail (or warn) now, not mid-training
+                self._form_for_shape(_matrix_shape(p))  # looked up here, so the step only reads a dict
         self._layouts[len(self.param_groups) - 1] = group_layout(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("data_parallel", None)  # pickled before the setting existed
+        self.__dict__.setdefault("_forms", {})  # pickled before per-entry NS forms existed
         # Checkpoints written before a group key existed still load, with that key's default. The table
         # keys name this optimizer's table: load_state_dict has checked that the saved one has its numbers.
         for group in self.param_groups:
@@ -270,7 +273,7 @@ class ROOT(torch.optim.Optimizer):
         """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices."""
         eps = self.table.normalization.eps if group["eps"] is None else group["eps"]
         shape = tuple(update.shape[-2:])
-        form = group.get("ns_form") or _entry_form(self.table.entry(shape))  # .get: older checkpoints
+        form = group.get("ns_form") or self._form_for_shape(shape)  # .get: older checkpoints
         return clipped_direction(
             update,
             self._schedule_for_shape(shape, group["ns_steps"]),
@@ -318,6 +321,12 @@ class ROOT(torch.optim.Optimizer):
             eps=group["adamw_eps"],
             maximize=False,
         )
+
+    def _form_for_shape(self, shape: tuple[int, int]) -> str:
+        key = (min(shape), max(shape))
+        if key not in self._forms:
+            self._forms[key] = _entry_form(self.table.entry(shape))
+        return self._forms[key]
 
     def _schedule_for(self, p: Tensor, ns_steps: int | None) -> Schedule:
         return self._schedule_for_shape(_matrix_shape(p), ns_steps)

@@ -112,3 +112,16 @@ def test_unknown_entry_form_is_named_in_the_error():
     message = "<dict>: entries[0].form: expected 'standard' or 'gram', got 'fast'"
     with pytest.raises(TableError, match=re.escape(message)):
         CoefficientTable.from_dict(data)
+
+
+def test_the_step_reads_forms_and_rows_resolved_at_construction(monkeypatch):
+    """Table lookups happen when the parameters are added, not in the (compiled) step."""
+    params = make_params(WIDE, SQUARE)
+    root = ROOT(params, table=table_with_forms("gram"), ns_dtype=torch.float64)
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the table was consulted inside step()")
+
+    monkeypatch.setattr(CoefficientTable, "entry", no_lookup)
+    monkeypatch.setattr(CoefficientTable, "schedule_for", no_lookup)
+    assert forms_used(monkeypatch, root, params) == {WIDE: "gram", SQUARE: "standard"}
