@@ -28,11 +28,10 @@ import math
 import os
 import platform
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from results import publish
+from timing import timed
 
 from root_core import load_table, orthogonalize
 from root_core.newton_schulz import default_gram_restarts
@@ -43,19 +42,6 @@ from root_core.spectral import compose
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DeepSeek-V4's 10 steps (docs/design.md §5): where restarts matter most.
 DEEPSEEK_V4 = Schedule(rows=((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def predicted_speedup(m: int, n: int, steps: int, restarts: tuple[int, ...]) -> float:

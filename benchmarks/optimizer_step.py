@@ -23,11 +23,10 @@ import argparse
 import datetime as dt
 import platform
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from results import publish
+from timing import timed
 from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
@@ -40,19 +39,6 @@ from root_core.outliers import clip_to_quantile
 LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
 OPTIMIZERS = ("ROOT", "Muon", "AdamW")
 MIB = 2**20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def make_optimizers(shapes, device, ns_dtype, table):
