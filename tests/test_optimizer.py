@@ -303,6 +303,30 @@ def test_runs_on_cuda_in_bf16_and_tracks_a_float64_cpu_reference():
         assert (change - expected).norm() <= CUDA_BF16_RTOL * expected.norm(), tuple(g.shape)
 
 
+
+@pytest.mark.gpu
+def test_a_cuda_step_never_waits_for_the_device():
+    """Batched clip, NS and the AdamW route in one step, with every device→host sync made an error."""
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 96), nn.Linear(96, 32), nn.Linear(32, 64))
+    model = model.cuda()
+    optimizer = ROOT(root_param_groups(model, output_head=model[3]), lr=0.01, table="polar-express")
+    tokens = torch.randint(0, 64, (8, 16), device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(tokens).square().mean().backward()
+        optimizer.step()
+
+    step()  # the first step creates the momentum buffers and AdamW state
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any op that waits for the device raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
 def test_fragile_rows_warn_once_per_shape_and_robust_ones_do_not():
     fragile = CoefficientTable.create(
         name="fragile",
