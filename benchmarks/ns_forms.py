@@ -26,12 +26,11 @@ import datetime as dt
 import itertools
 import math
 import os
-import platform
 import statistics
 
 import torch
 from results import publish
-from timing import timed
+from timing import machine, timed
 
 from root_core import load_table, orthogonalize
 from root_core.newton_schulz import default_gram_restarts
@@ -223,12 +222,6 @@ def precision_lines(shapes, schedules) -> list[str]:
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(side) for side in item.split("x")) for item in text.split(",")]
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
 
 import torch
 from results import publish
-from timing import timed
+from timing import machine, timed
 from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
@@ -142,12 +141,6 @@ def describe(shapes) -> str:
     """The block's matrices, equal shapes counted: 4× 4096×4096, 2× 11008×4096, 4096×11008."""
     counts = {shape: shapes.count(shape) for shape in shapes}
     return ", ".join(f"{k}× {m}×{n}" if k > 1 else f"{m}×{n}" for (m, n), k in counts.items())
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

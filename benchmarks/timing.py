@@ -1,7 +1,9 @@
-"""Wall time of one call, with the device drained before and after (CUDA runs asynchronously)."""
+"""How the benchmarks time a call (the device drained before and after: CUDA runs asynchronously) and
+name the machine in a result's heading."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 
@@ -19,3 +21,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -25,16 +25,6 @@ SPECTRUM_SHAPE = (512, 1376)
 
 
 @contextmanager
-def threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def busy_cpu() -> Iterator[None]:
     """A concurrent process spinning on a core, as another job on the machine would."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -64,11 +54,11 @@ def harvested(corpus) -> list[torch.Tensor]:
 
 
 def test_harvest_is_bit_identical_across_thread_counts_and_under_load(corpus):
-    with threads(1):
+    with pinned_threads(1):
         reference = harvested(corpus)
-    with threads(2):
+    with pinned_threads(2):
         assert bitwise_equal(harvested(corpus), reference)
-    with threads(2), busy_cpu():
+    with pinned_threads(2), busy_cpu():
         assert bitwise_equal(harvested(corpus), reference)
 
 
@@ -76,9 +66,9 @@ def test_spectra_are_bit_identical_across_thread_counts_and_under_load():
     matrix = torch.randn(*SPECTRUM_SHAPE, generator=torch.Generator().manual_seed(0))
     spectra = {}
     for count in (1, 2):
-        with threads(count):
+        with pinned_threads(count):
             spectra[count] = normalized_spectrum(matrix, clip_quantile=0.9)
-    with threads(2), busy_cpu():
+    with pinned_threads(2), busy_cpu():
         loaded = normalized_spectrum(matrix, clip_quantile=0.9)
     assert bitwise_equal([spectra[2], loaded], [spectra[1], spectra[1]])
 
@@ -89,13 +79,13 @@ def test_fit_is_identical_across_thread_counts(tmp_path):
     request = CalibrationRequest(shapes=[(16, 48)], out=tmp_path, name="t", fit=FitSettings(iterations=3))
     rows = {}
     for count in (1, 2):
-        with threads(count):
+        with pinned_threads(count):
             rows[count] = fit_shape((16, 48), spectra, request, Stages(None)).schedule.rows
     assert rows[1] == rows[2]
 
 
 def test_the_callers_thread_count_is_restored():
-    with threads(2):
+    with pinned_threads(2):
         with pinned_threads():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
