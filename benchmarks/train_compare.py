@@ -1,4 +1,4 @@
-"""Training comparison: ROOT against torch.optim.Muon and AdamW on a small byte-level LLaMA-style LM.
+r"""Training comparison: ROOT against torch.optim.Muon and AdamW on a small byte-level LLaMA-style LM.
 
 Five arms train the same model from the same initialisation on the same batches (per seed):
 AdamW; Muon (hidden matrices, ``torch.optim.Muon``) + AdamW (embedding, head, norms); ROOT with the
@@ -11,10 +11,17 @@ steps, the same steps and draws for every arm, where ROOT's soft-threshold shoul
 By default the calibrated table is made at the start with ``root-calibrate`` for exactly the model's
 matrix shapes (harvests are cached, so a re-run skips most of it); ``--table`` reuses one instead.
 
+More arms, opt-in through ``--arms`` (issue 14: what precision and fewer steps buy in loss): ROOT with an
+auto-step table, whose every shape runs its own step count (``--auto-table``, else made with
+``root-calibrate --steps auto --target``), and ROOT with the exact polar factor U Vᵀ from an SVD in
+``--svd-dtype`` in place of Newton–Schulz (soft-threshold, momentum and lr rule unchanged).
+
     .venv/bin/python benchmarks/train_compare.py --record         # CPU defaults, ~25 min on 2 shared cores
     .venv/bin/python benchmarks/train_compare.py --steps 100 --seeds 2 --lrs 0.004,0.008
     .venv/bin/python benchmarks/train_compare.py --device cuda --record   # GPU defaults: a larger model
     .venv/bin/python benchmarks/train_compare.py --table path/to/v1.json --no-noisy
+    .venv/bin/python benchmarks/train_compare.py --no-noisy \
+        --arms "Muon,ROOT calibrated,ROOT auto-steps,ROOT exact polar (SVD)" --auto-table my-auto
 """
 
 from __future__ import annotations
@@ -42,9 +49,16 @@ from torch.nn import functional as F
 from calibrate.corpus import load_corpus, split_corpus
 from calibrate.errors import CalibrationError
 from root_core import ROOT, root_param_groups
+from root_core.outliers import clip_to_quantile
 from root_core.tables import TableError, load_table
 
-ARMS = ("AdamW", "Muon", "ROOT root-paper", "ROOT calibrated", "ROOT calibrated (no threshold)")
+DEFAULT_ARMS = ("AdamW", "Muon", "ROOT root-paper", "ROOT calibrated", "ROOT calibrated (no threshold)")
+AUTO_ARM = "ROOT auto-steps"  # the --auto-table: each shape runs its own step count (issue 14)
+SVD_ARM = "ROOT exact polar (SVD)"  # U Vᵀ from an SVD in place of Newton–Schulz: precision's ceiling
+ARMS = (*DEFAULT_ARMS, AUTO_ARM, SVD_ARM)
+# The calibrated table's default error target for the auto-step arm: Polar Express's 5-step error on the
+# same validation spectra, so the arm shows what fewer steps at Polar Express's precision cost in loss.
+DEFAULT_AUTO_TARGET = "polar-express"
 VOCAB = 256  # bytes
 # Defaults per device. The CPU size runs the whole comparison (2 variants × 5 arms × (4 sweep runs at
 # half length + 3 seeds)) in ~25 min on 2 cores shared with other jobs (1455 s measured).
@@ -219,7 +233,7 @@ class Optimizers:
                 group["lr"] = group["peak_lr"] * factor
 
 
-def make_optimizer(arm: str, model: nn.Module, lr: float, table, ns_dtype: torch.dtype) -> Optimizers:
+def make_optimizer(arm: str, model: nn.Module, lr: float, ctx: Context) -> Optimizers:
     """Every arm: one lr for all parameters (Muon/ROOT matrices via Moonlight's match_rms_adamw)."""
     if arm == "AdamW":
         return Optimizers(
@@ -235,24 +249,63 @@ def make_optimizer(arm: str, model: nn.Module, lr: float, table, ns_dtype: torch
         return Optimizers(muon, adamw)
     settings = {
         "ROOT root-paper": ("root-paper", 0.9, "default"),
-        "ROOT calibrated": (table, 0.9, "error"),
-        "ROOT calibrated (no threshold)": (table, None, "error"),
+        "ROOT calibrated": (ctx.tables.get("calibrated"), 0.9, "error"),
+        "ROOT calibrated (no threshold)": (ctx.tables.get("calibrated"), None, "error"),
+        AUTO_ARM: (ctx.tables.get("auto"), 0.9, "error"),  # ns_steps=None: each entry's own step count
+        SVD_ARM: ("muon", 0.9, "default"),  # the table is never used: no Newton–Schulz runs
     }
     chosen, quantile, missing = settings[arm]
+    kind, extra = (ExactPolarROOT, {"svd_dtype": ctx.svd_dtype}) if arm == SVD_ARM else (ROOT, {})
     with warnings.catch_warnings():  # root-paper lists no shape this small: Muon's triple, said in the report
         warnings.simplefilter("ignore")
-        root = ROOT(
+        root = kind(
             groups,
             lr=lr,
             weight_decay=WEIGHT_DECAY,
             table=chosen,
             outlier_quantile=quantile,
             adjust_lr_fn="match_rms_adamw",
-            ns_dtype=ns_dtype,
+            ns_dtype=ctx.ns_dtype,
             missing_shape=missing,
             adamw_betas=ADAMW_BETAS,
+            **extra,
         )
     return Optimizers(root)
+
+
+class ExactPolarROOT(ROOT):
+    """ROOT with Newton–Schulz replaced by the exact polar factor of the clipped update (an SVD).
+
+    Momentum, the soft-threshold, weight decay, the lr rule and the AdamW route are ROOT's own, so this
+    arm differs from a ROOT arm only in how precisely the update is orthogonalised: the ceiling that any
+    coefficient table approaches. A benchmark device, not part of root_core: an SVD per matrix per step
+    is far slower than Newton–Schulz on an accelerator.
+    """
+
+    def __init__(self, *args, svd_dtype: torch.dtype = torch.float64, **kwargs) -> None:
+        self.svd_dtype = svd_dtype
+        super().__init__(*args, **kwargs)
+
+    def _directions(self, update: Tensor, group: dict) -> Tensor:
+        if group["outlier_quantile"] is not None:
+            update = clip_to_quantile(update, group["outlier_quantile"])
+        return exact_polar(update, self.svd_dtype)
+
+
+def exact_polar(update: Tensor, dtype: torch.dtype) -> Tensor:
+    """U Vᵀ of each trailing matrix of ``update`` from an SVD in ``dtype``, returned in ``update``'s dtype.
+
+    Singular directions at rounding level (σ ≤ σ_max · max(m, n) · machine eps, torch.linalg.matrix_rank's
+    default tolerance, with the eps of the coarser of ``update``'s dtype and ``dtype``: a float32 update's
+    null directions hold float32 rounding, whatever the SVD's precision) are numerically null: their U and
+    V columns are arbitrary, so they get 0, as Newton–Schulz gives them (it maps σ ≈ 0 to ≈ 0) and as a
+    zero gradient needs (no step at all).
+    """
+    U, sigma, Vh = torch.linalg.svd(update.to(dtype), full_matrices=False)
+    eps = max(torch.finfo(dtype).eps, torch.finfo(update.dtype).eps)
+    floor = sigma[..., :1] * (max(update.shape[-2:]) * eps)
+    kept = (sigma > floor).to(dtype)
+    return ((U * kept.unsqueeze(-2)) @ Vh).to(update.dtype)
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -311,7 +364,7 @@ def eval_steps(steps: int, evals: int) -> list[int]:
 def train(arm: str, lr: float, seed: int, noise: Noise | None, ctx: Context, steps: int, evals: int) -> Run:
     torch.manual_seed(seed)  # same initialisation for every arm at this seed
     model = ByteLM(ctx.model_cfg).to(ctx.device)
-    optimizer = make_optimizer(arm, model, lr, ctx.table, ctx.ns_dtype)
+    optimizer = make_optimizer(arm, model, lr, ctx)
     offsets = batch_offsets(ctx.data, seed, steps, ctx.batch, ctx.model_cfg.seq_len)
     points, curve = eval_steps(steps, evals), {}
     started, diverged = time.perf_counter(), False
@@ -340,7 +393,8 @@ class Context:
     batch: int
     device: torch.device
     ns_dtype: torch.dtype
-    table: object
+    tables: dict[str, object]  # "calibrated", "auto": the tables the arms that need them run on
+    svd_dtype: torch.dtype = torch.float64
 
 
 def sweep(arm: str, noise: Noise | None, ctx: Context, args) -> tuple[float, dict[float, float]]:
@@ -372,14 +426,17 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- calibration
 
 
-def calibrated_table(shapes: list[tuple[int, int]], args) -> tuple[object, str, float]:
-    """Load ``--table``, or fit one for exactly these shapes with root-calibrate; check it covers them."""
+def calibrated_table(
+    shapes: list[tuple[int, int]], args, given: str | None, flag: str, extra: tuple[str, ...] = ()
+) -> tuple[object, str, float]:
+    """Load ``given`` (the value of option ``flag``), or fit one for exactly these shapes with
+    root-calibrate and ``extra`` settings; check it covers them."""
     started = time.perf_counter()
-    if args.table:
-        table, how = load_table(args.table), f"`--table {args.table}`"
+    if given:
+        table, how = load_table(given), f"`{flag} {given}`"
     else:
         settings = ["--shapes", ",".join(f"{m}x{n}" for m, n in shapes), "--samples", str(args.calib_samples)]
-        settings += ["--iterations", str(args.calib_iterations), "--device", args.device]
+        settings += ["--iterations", str(args.calib_iterations), "--device", args.device, *extra]
         if args.calib_harvest_steps:
             settings += ["--harvest-steps", str(args.calib_harvest_steps)]
         if args.calib_cache:
@@ -400,6 +457,57 @@ def calibrated_table(shapes: list[tuple[int, int]], args) -> tuple[object, str, 
             "would silently run on its default rows"
         )
     return table, how, time.perf_counter() - started
+
+
+def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], list[str]]:
+    """The tables the chosen arms need, made or loaded once, and the report's lines on each."""
+    tables, lines = {}, []
+    if any(a.startswith("ROOT calibrated") for a in args.arms):
+        table, how, seconds = calibrated_table(shapes, args, args.table, "--table")
+        tables["calibrated"] = table
+        lines.append(
+            f"Calibrated table: {how}, {seconds:.0f} s; its validation error at 5 steps: "
+            f"{table_note(table, shapes)}."
+        )
+    if "ROOT root-paper" in args.arms:
+        lines.append(
+            "`root-paper` lists only 2048-row shapes, so at this size it runs Muon's triple: that arm "
+            "differs from Muon only by the soft-threshold."
+        )
+    if AUTO_ARM in args.arms:
+        auto = ("--steps", "auto", "--target", args.auto_target)
+        table, how, seconds = calibrated_table(shapes, args, args.auto_table, "--auto-table", auto)
+        tables["auto"] = table
+        lines.append(f"Auto-step table: {how}, {seconds:.0f} s; per shape {auto_note(table, shapes)}.")
+    if SVD_ARM in args.arms:
+        lines.append(
+            f"{SVD_ARM}: ROOT (soft-threshold q=0.9, same momentum and lr rule) with the clipped update's "
+            f"exact polar factor U Vᵀ from torch.linalg.svd in {args.svd_dtype} in place of Newton–Schulz."
+        )
+    return tables, lines
+
+
+def ns_matmul_flops(shape: tuple[int, int], steps: int) -> int:
+    """Matmul FLOPs of one standard-form quintic NS call on an m×n matrix (m ≤ n): per step
+    A = X Xᵀ (2m²n), A·A (2m³) and (bA + cA²)·X (2m²n)."""
+    m, n = min(shape), max(shape)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+def auto_note(table, shapes: list[tuple[int, int]]) -> str:
+    """Per shape: the auto table's step count, its NS FLOPs against 5 steps, and its validation error
+    next to Polar Express's (from the table's metrics, where it records them)."""
+    parts = []
+    for shape in shapes:
+        steps = table.schedule_for(shape, missing="error").num_steps
+        metrics = table.entry(shape).metrics or {}
+        ours = metrics.get("validation_error")
+        polar = metrics.get("baselines", {}).get("polar-express", {}).get("validation_error")
+        errors = f", error {ours:.3f}" if ours is not None else ""
+        errors += f" (Polar Express 5 steps {polar:.3f})" if ours is not None and polar is not None else ""
+        flops = ns_matmul_flops(shape, steps) / ns_matmul_flops(shape, 5)
+        parts.append(f"{shape[0]}×{shape[1]}: {steps} steps ({flops:.2f}× the FLOPs of 5){errors}")
+    return "; ".join(parts)
 
 
 def table_note(table, shapes: list[tuple[int, int]]) -> str:
@@ -528,12 +636,11 @@ def machine(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def header(args, ctx: Context, model: nn.Module, calib: tuple[str, float, str], noise: Noise) -> list[str]:
+def header(args, ctx: Context, model: nn.Module, table_lines: list[str], noise: Noise) -> list[str]:
     cfg = ctx.model_cfg
     params = sum(p.numel() for p in model.parameters())
     hidden = sum(p.numel() for p in root_param_groups(model)[0]["params"])
     tokens = args.steps * args.batch * cfg.seq_len
-    how, seconds, note = calib
     command = "python benchmarks/train_compare.py " + shlex.join(sys.argv[1:])
     lines = [
         f"### train_compare — {dt.date.today()} — {machine(ctx.device)} — torch {torch.__version__}",
@@ -546,13 +653,12 @@ def header(args, ctx: Context, model: nn.Module, calib: tuple[str, float, str], 
         f"= {tokens:,} training tokens per run; validation on {len(ctx.data.validation)} held-out sequences.",
         f"Training: {WARMUP_FRACTION:.0%} warmup then cosine to {FINAL_LR_FRACTION:.0%}, weight decay "
         f"{WEIGHT_DECAY}, AdamW betas {ADAMW_BETAS}; Muon and ROOT scale their matrix lr by Moonlight's "
-        "`match_rms_adamw` and use the same lr for their AdamW-trained embedding/head/norms; NS 5 steps in "
-        f"{str(ctx.ns_dtype).removeprefix('torch.')} for ROOT (Muon always bf16); soft-threshold at q=0.9.",
+        "`match_rms_adamw` and use the same lr for their AdamW-trained embedding/head/norms; NS 5 steps (the "
+        f"auto-step table: each shape's own count) in {str(ctx.ns_dtype).removeprefix('torch.')} for ROOT "
+        "(Muon always bf16); soft-threshold at q=0.9.",
         f"lr: best final validation loss over {{{', '.join(f'{lr:g}' for lr in args.lrs)}}} at seed "
         f"{SWEEP_SEED} ({args.sweep_steps} steps); reported: seeds {args.seed_list}, mean ± sample std.",
-        f"Calibrated table: {how}, {seconds:.0f} s; its validation error at 5 steps: {note}. `root-paper` "
-        "lists only 2048-row shapes, so at this size it runs Muon's triple: that arm differs from Muon "
-        "only by the soft-threshold.",
+        *table_lines,
     ]
     if args.noisy:
         lines.append(
@@ -584,7 +690,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runs.add_argument("--seeds", type=int, default=3, help="reported seeds (1..N)")
     runs.add_argument("--lrs", default=DEFAULT_LRS, help="lr grid swept for every optimizer")
     runs.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: --steps / 2)")
-    runs.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the optimizers")
+    runs.add_argument(
+        "--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from: {', '.join(ARMS)}"
+    )
     runs.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     noisy = parser.add_argument_group("noisy-gradient variant")
     noisy.add_argument("--no-noisy", dest="noisy", action="store_false", help="clean variant only")
@@ -597,6 +705,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     calib.add_argument("--calib-iterations", type=int, default=200)
     calib.add_argument("--calib-harvest-steps", type=int)
     calib.add_argument("--calib-cache", type=Path, help="root-calibrate's cache (default: its own)")
+    calib.add_argument(
+        "--auto-table", help=f"{AUTO_ARM}'s table (name or path); default: root-calibrate --steps auto"
+    )
+    calib.add_argument(
+        "--auto-target", default=DEFAULT_AUTO_TARGET, help="root-calibrate --target for the auto-step table"
+    )
+    calib.add_argument(
+        "--svd-dtype", default="float64", choices=("float64", "float32"), help=f"{SVD_ARM}'s SVD"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--plot", type=Path, default=Path(__file__).with_name("train_compare.png"))
     out.add_argument("--record", action="store_true", help="append the report to RESULTS.md")
@@ -662,13 +779,9 @@ def main(argv: list[str] | None = None) -> None:
     model = ByteLM(cfg)
     try:
         data = load_data(args)
-        needs_table = any(a.startswith("ROOT calibrated") for a in args.arms)
-        table, how, seconds = (
-            calibrated_table(matrix_shapes(model), args) if needs_table else (None, "not used", 0.0)
-        )
-        note = table_note(table, matrix_shapes(model)) if table is not None else "—"
+        tables, table_lines = arm_tables(matrix_shapes(model), args)
         ns_dtype = getattr(torch, args.ns_dtype)
-        ctx = Context(cfg, data, args.batch, device, ns_dtype, table)
+        ctx = Context(cfg, data, args.batch, device, ns_dtype, tables, getattr(torch, args.svd_dtype))
         noise = Noise(args.noise_prob, args.noise_scale, args.noise_alpha)
         variants = {"clean": compare(None, ctx, args)}
         if args.noisy:
@@ -676,7 +789,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CalibrationError, TableError) as error:
         sys.exit(f"error: {error}")
     plot(variants, args.plot)
-    lines = header(args, ctx, model, (how, seconds, note), noise)
+    lines = header(args, ctx, model, table_lines, noise)
     lines += ["", *results_table(variants, args), "", "Sweep (seed 0, final validation loss):", ""]
     lines += [*sweep_table(variants, args), ""]
     lines.append(f"Plot: `{args.plot.name}`. Total wall time {time.perf_counter() - started:.0f} s.")

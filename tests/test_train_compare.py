@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 from pathlib import Path
 
@@ -83,3 +84,156 @@ def test_noise_is_the_same_for_every_arm_and_heavy_tailed(train_compare):
     assert not torch.equal(first[0], other[0])
     noise = (first[0] - 1).abs()
     assert noise.max() > 50 * noise.median()  # a few entries spike: what the soft-threshold clips
+
+
+# ---------------------------------------------------------------- issue 14: auto-step and exact-polar arms
+
+MUON_ROW = (3.4445, -4.7750, 2.0315)
+CLASSIC_ROW = (1.875, -1.25, 0.375)
+# A float64 SVD and a float64 eigendecomposition of the Gram matrix are both backward stable: on these
+# well-conditioned Gaussian matrices (σ_max/σ_min < 20) their polar factors agree to ~1e-14; 1e-10
+# leaves room while still failing for any Newton–Schulz approximation (errors ≥ 1e-3 after 5 steps).
+EXACT_POLAR_TOLERANCE = 1e-10
+
+
+def hand_auto_table(tmp_path: Path, shapes_rows: dict) -> Path:
+    """An auto-step table made by hand: each entry's step count is its number of rows."""
+    from root_core.tables import CoefficientTable, save_table
+
+    table = CoefficientTable.create(name="hand-auto", default_rows=MUON_ROW, entries=shapes_rows)
+    return save_table(table, tmp_path)
+
+
+def reference_polar(B):
+    """U Vᵀ in float64 from the short side's Gram matrix: (B Bᵀ)^(−1/2) B, independent of any SVD."""
+    import torch
+
+    wide = B.shape[-2] <= B.shape[-1]
+    X = (B if wide else B.mT).to(torch.float64)
+    eigenvalues, U = torch.linalg.eigh(X @ X.mT)
+    polar = (U * eigenvalues.rsqrt().unsqueeze(-2)) @ U.mT @ X
+    return polar if wide else polar.mT
+
+
+@pytest.mark.parametrize("quantile", [None, 0.9])
+def test_exact_polar_arm_steps_along_u_vt(train_compare, quantile):
+    """The SVD arm's update is U Vᵀ of the clipped momentum: wide, tall, square and a same-shape batch."""
+    import torch
+
+    from root_core.outliers import clip_to_quantile
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 40), (40, 16), (24, 24), (12, 20), (12, 20)]  # the last two step as one (2, 12, 20) batch
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    optimizer = train_compare.ExactPolarROOT(
+        params, lr=0.1, weight_decay=0.0, outlier_quantile=quantile, svd_dtype=torch.float64
+    )
+    optimizer.step()
+    for p, g in zip(params, grads, strict=True):
+        # The first Nesterov update is (1 − μ²)·g, a positive multiple: the same clip and polar factor.
+        B = g if quantile is None else clip_to_quantile(g, quantile)
+        step = 0.1 * max(1.0, p.shape[0] / p.shape[1]) ** 0.5  # ROOT's default ("original") lr rule
+        error = (p.detach() / -step - reference_polar(B)).norm() / reference_polar(B).norm()
+        assert error < EXACT_POLAR_TOLERANCE, (tuple(p.shape), float(error))
+
+
+def test_exact_polar_zeroes_null_directions(train_compare):
+    """A rank-deficient update keeps only its range (as NS does), and a zero update makes no step."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    left, right = torch.randn(16, 2, generator=generator), torch.randn(2, 24, generator=generator)
+    direction = train_compare.exact_polar(left @ right, torch.float64)
+    singular_values = torch.linalg.svdvals(direction.double())
+    assert torch.allclose(singular_values[:2], torch.ones(2, dtype=torch.float64), atol=1e-5)
+    assert singular_values[2:].max() < 1e-5
+    assert torch.equal(train_compare.exact_polar(torch.zeros(8, 12), torch.float64), torch.zeros(8, 12))
+
+
+def tiny_context(train_compare, tmp_path: Path, *extra: str):
+    args = train_compare.parse_args([*TINY[: TINY.index("--calib-samples")], "--no-noisy", *extra])
+    import torch
+
+    cfg = train_compare.ModelConfig(args.d_model, args.layers, args.heads, args.d_ff, args.seq_len)
+    shapes = train_compare.matrix_shapes(train_compare.ByteLM(cfg))
+    tables, lines = train_compare.arm_tables(shapes, args)
+    data = train_compare.load_data(args)
+    ctx = train_compare.Context(cfg, data, args.batch, torch.device("cpu"), torch.float32, tables)
+    return args, ctx, lines
+
+
+def test_auto_arm_runs_each_shapes_own_step_count(train_compare, tmp_path):
+    """16×48 has two rows in the table, so the auto arm's step there is two NS steps, not five."""
+    import torch
+
+    from root_core import orthogonalize
+    from root_core.outliers import clip_to_quantile
+    from root_core.schedule import Schedule
+
+    rows = {(16, 16): [MUON_ROW] * 3, (16, 48): [MUON_ROW, CLASSIC_ROW]}
+    table = hand_auto_table(tmp_path, rows)
+    _, ctx, lines = tiny_context(
+        train_compare, tmp_path, "--arms", "ROOT auto-steps", "--auto-table", str(table)
+    )
+    assert any(
+        "16×16: 3 steps (0.60× the FLOPs of 5); 16×48: 2 steps (0.40× the FLOPs of 5)" in line
+        for line in lines
+    )
+    torch.manual_seed(0)
+    model = train_compare.ByteLM(ctx.model_cfg)
+    down = model.blocks[0].down.weight  # 16×48, the only matrix of its shape and orientation
+    before = down.detach().clone()
+    optimizer = train_compare.make_optimizer("ROOT auto-steps", model, 0.01, ctx)
+    train_compare.lm_loss(
+        model, train_compare.get_batch(ctx.data, torch.arange(4) * 97, 16, ctx.device)
+    ).backward()
+    grad = down.grad.clone()
+    optimizer.step()
+    B = clip_to_quantile(grad, 0.9)  # the first update is a positive multiple of the gradient
+    two_steps = orthogonalize(B, Schedule(rows=(MUON_ROW, CLASSIC_ROW)), dtype=torch.float32)
+    five_steps = orthogonalize(B, Schedule(rows=(MUON_ROW, CLASSIC_ROW), steps=5), dtype=torch.float32)
+    alpha = 0.01 * 0.2 * 48**0.5  # match_rms_adamw
+    expected = before * (1 - 0.01 * train_compare.WEIGHT_DECAY) - alpha * two_steps
+    # float32 arithmetic on both sides, in the same order: equal up to a few ulps of the weights.
+    torch.testing.assert_close(down.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert (two_steps - five_steps).abs().max() > 1e-2  # the check would notice five steps
+
+
+def test_auto_table_must_list_the_models_shapes(train_compare, tmp_path):
+    table = hand_auto_table(tmp_path, {(16, 16): [MUON_ROW] * 3})
+    with pytest.raises(
+        train_compare.CalibrationError, match=re.escape("lacks the model's shapes [(16, 48)]")
+    ):
+        tiny_context(train_compare, tmp_path, "--arms", "ROOT auto-steps", "--auto-table", str(table))
+
+
+def test_new_arms_start_from_the_same_model_and_data(train_compare, tmp_path):
+    """Paired by seed: at a negligible lr every arm's first loss is the seed's initial loss, alike."""
+    table = hand_auto_table(tmp_path, {(16, 16): [MUON_ROW] * 3, (16, 48): [MUON_ROW] * 2})
+    arms = ("Muon", "ROOT auto-steps", "ROOT exact polar (SVD)")
+    _, ctx, _ = tiny_context(train_compare, tmp_path, "--arms", ",".join(arms), "--auto-table", str(table))
+    first = {
+        (arm, seed): train_compare.train(arm, 1e-9, seed, None, ctx, steps=1, evals=0).final
+        for arm in arms
+        for seed in (1, 2)
+    }
+    for seed in (1, 2):
+        assert max(first[arm, seed] for arm in arms) - min(first[arm, seed] for arm in arms) < 1e-6
+    assert abs(first["Muon", 1] - first["Muon", 2]) > 1e-3  # another seed: another initialisation
+    again = train_compare.train("ROOT exact polar (SVD)", 0.01, 1, None, ctx, steps=2, evals=0).final
+    assert again == train_compare.train("ROOT exact polar (SVD)", 0.01, 1, None, ctx, steps=2, evals=0).final
+
+
+@pytest.mark.slow
+def test_train_compare_auto_and_svd_arms_smoke(tmp_path):
+    table = hand_auto_table(tmp_path, {(16, 16): [MUON_ROW] * 3, (16, 48): [MUON_ROW, CLASSIC_ROW]})
+    arms = "Muon,ROOT auto-steps,ROOT exact polar (SVD)"
+    args = [*TINY[: TINY.index("--calib-samples")], "--no-noisy", "--arms", arms, "--auto-table", str(table)]
+    result = run_script(*args, "--plot", str(tmp_path / "curves.png"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for arm in arms.split(","):
+        assert f"| clean | {arm} | 0.00" in result.stdout
+    assert "exact polar factor U Vᵀ from torch.linalg.svd in float64" in result.stdout
