@@ -12,9 +12,16 @@ all three and are listed once.
 
 Also times the soft-threshold against the Newton–Schulz call it precedes, at each shape.
 
+With ``--auto-table`` (issue 14), also an auto-step table, whose every shape runs its own step count,
+against Polar Express's 5 steps: whole ROOT steps on the block with each table (interleaved, same
+weights and gradients), and per shape the NS call's time, its matmul FLOPs, and the error of each set:
+on the table's own validation spectra (its metrics) and, measured here, in bf16 against the float64
+polar factor on the synthetic matrices root-calibrate generates (one per family, clipped at q=0.9).
+
     .venv/bin/python benchmarks/optimizer_step.py                       # 4096×4096, 4096×11008, 11008×4096
     .venv/bin/python benchmarks/optimizer_step.py --scale 0.25 --repeats 3 --record
     .venv/bin/python benchmarks/optimizer_step.py --device cuda --repeats 20 --record
+    .venv/bin/python benchmarks/optimizer_step.py --scale 0.125 --auto-table my-auto   # auto vs Polar Express
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from root_core import ROOT, orthogonalize
+from calibrate.evaluate import matrix_errors
+from calibrate.sampling.synthetic import synthetic_sample
+from root_core import ROOT, load_table, orthogonalize
 from root_core.newton_schulz import default_ns_dtype
 from root_core.outliers import clip_to_quantile
+from root_core.tables import canonical_shape
 
 # One LLaMA-2-7B decoder block, as nn.Linear weights (out, in): q, k, v, o, then MLP gate, up, down.
 LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
@@ -40,12 +50,12 @@ OPTIMIZERS = ("ROOT", "Muon", "AdamW")
 MIB = 2**20
 
 
-def make_optimizers(shapes, device, ns_dtype, table):
+def make_optimizers(shapes, device, ns_dtype, table, names=OPTIMIZERS):
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
     grads = [torch.randn(shape, generator=generator) for shape in shapes]
     runs = {}
-    for name in OPTIMIZERS:
+    for name in names:
         params = [nn.Parameter(w.to(device)) for w in weights]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.to(device)
@@ -137,6 +147,87 @@ def bench_threshold_share(shape, device, ns_dtype, repeats):
     return statistics.median(clip), statistics.median(ns)
 
 
+def ns_matmul_flops(shape: tuple[int, int], steps: int) -> int:
+    """Matmul FLOPs of one standard-form quintic NS call on an m×n matrix (m ≤ n): per step
+    A = X Xᵀ (2m²n), A·A (2m³) and (bA + cA²)·X (2m²n)."""
+    m, n = min(shape), max(shape)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+def auto_step_lines(shapes, device, ns_dtype, spec: str, repeats: int) -> list[str]:
+    """The auto-step table against Polar Express's 5 steps: block step time, and per shape NS time,
+    FLOPs and errors (see the module docstring)."""
+    auto = load_table(spec)
+    missing = sorted({canonical_shape(s) for s in shapes} - set(auto.shapes))
+    if missing:
+        raise SystemExit(f"error: --auto-table {spec} lacks the block's shapes {missing}")
+    polar = load_table("polar-express")
+    runs = {
+        label: make_optimizers(shapes, device, ns_dtype, table, names=("ROOT",))["ROOT"]
+        for label, table in (("auto", auto), ("polar-express", polar))
+    }
+    step = bench_steps(runs, device, repeats)
+    lines = [
+        f"Auto-step table `{auto.name}@{auto.version}` against Polar Express (5 steps), both in ROOT "
+        f"(q=0.9, bf16 NS): whole block steps, medians of {repeats} interleaved steps.",
+        "",
+        "| shapes | auto step (s) | Polar Express step (s) | auto / Polar Express | NS FLOPs auto / PE |",
+        "|---|---|---|---|---|",
+    ]
+    flops = {label: 0 for label in runs}
+    for shape in shapes:
+        flops["auto"] += ns_matmul_flops(shape, auto.schedule_for(shape).num_steps)
+        flops["polar-express"] += ns_matmul_flops(shape, polar.schedule_for(shape).num_steps)
+    lines.append(
+        f"| {describe(shapes)} | {step['auto']:.4f} | {step['polar-express']:.4f} | "
+        f"{step['auto'] / step['polar-express']:.3f} | {flops['auto'] / flops['polar-express']:.2f} |"
+    )
+    lines += [
+        "",
+        "Per shape: one NS call in bf16 (medians of interleaved calls), its matmul FLOPs, and the errors "
+        "(validation: the table's metrics on its validation spectra; synthetic: bf16 vs the float64 polar "
+        f"factor, median over {len(SYNTHETIC_FAMILIES)} synthetic matrices, one per family).",
+        "",
+        "| shape | steps auto / PE | GFLOP auto / PE | NS auto (s) | NS PE (s) | auto / PE time | "
+        "validation error auto / PE | synthetic bf16 error auto / PE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in dict.fromkeys(shapes):
+        lines.append(shape_line(shape, auto, polar, device, ns_dtype, repeats))
+    return lines
+
+
+# One matrix per family of root-calibrate's default synthetic mix (calibrate/sampling/synthetic.py).
+SYNTHETIC_FAMILIES = ("gaussian", "heavy_tailed", "low_rank_noise", "row_col_scaled")
+
+
+def shape_line(shape, auto, polar, device, ns_dtype, repeats) -> str:
+    schedules = {"auto": auto.schedule_for(shape), "pe": polar.schedule_for(shape)}
+    M = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    times = {label: [] for label in schedules}
+    for _ in range(repeats + 1):  # the first round warms up
+        for label, schedule in schedules.items():
+            times[label].append(timed(lambda s=schedule: orthogonalize(M, s, dtype=ns_dtype), device))
+    ns = {label: statistics.median(values[1:]) for label, values in times.items()}
+    matrices = [synthetic_sample(shape, 0, seed=0, family=family).matrix for family in SYNTHETIC_FAMILIES]
+    errors = matrix_errors(
+        matrices, schedules, clip_quantile=0.9, dtypes={label: ["bfloat16"] for label in schedules}
+    )
+    synthetic = {label: statistics.median(errors[label]["bfloat16"]) for label in schedules}
+    metrics = auto.entry(shape).metrics or {}
+    ours = metrics.get("validation_error")
+    theirs = metrics.get("baselines", {}).get("polar-express", {}).get("validation_error")
+    validation = f"{ours:.4f} / {theirs:.4f}" if ours is not None and theirs is not None else "not recorded"
+    steps = {label: schedule.num_steps for label, schedule in schedules.items()}
+    giga = {label: ns_matmul_flops(shape, k) / 1e9 for label, k in steps.items()}
+    return (
+        f"| {shape[0]}×{shape[1]} | {steps['auto']} / {steps['pe']} | "
+        f"{giga['auto']:.3g} / {giga['pe']:.3g} | "
+        f"{ns['auto']:.4f} | {ns['pe']:.4f} | {ns['auto'] / ns['pe']:.3f} | {validation} | "
+        f"{synthetic['auto']:.4f} / {synthetic['pe']:.4f} |"
+    )
+
+
 def describe(shapes) -> str:
     """The block's matrices, equal shapes counted: 4× 4096×4096, 2× 11008×4096, 4096×11008."""
     counts = {shape: shapes.count(shape) for shape in shapes}
@@ -151,6 +242,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every dimension (smoke runs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--table", default="root-paper")
+    parser.add_argument("--auto-table", help="an auto-step table to time against Polar Express's 5 steps")
     parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -192,6 +284,8 @@ def main() -> None:
         f"| {target[0]}×{target[1]} (NS in {'bf16' if device.type == 'cuda' else 'float32'},"
         f" the device default) | {fp32_clip:.4f} | {fp32_ns:.4f} | {fp32_clip / fp32_ns:.1%} |"
     )
+    if args.auto_table:
+        lines += ["", *auto_step_lines(shapes, device, ns_dtype, args.auto_table, args.repeats)]
     report = "\n".join(lines) + "\n"
     publish(report, args.record)
 

@@ -31,6 +31,30 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_optimizer_step_auto_table_against_polar_express(tmp_path):
+    """Issue 14: an auto-step table (each entry's step count is its number of rows) timed against Polar
+    Express's 5 steps, with its steps, FLOPs and errors per shape."""
+    muon_row = (3.4445, -4.7750, 2.0315)
+    table = CoefficientTable.create(
+        name="hand-auto", default_rows=muon_row, entries={(81, 81): [muon_row] * 6, (81, 220): [muon_row] * 3}
+    )
+    path = save_table(table, tmp_path)
+    args = ("--scale", "0.02", "--repeats", "1", "--table", "muon", "--auto-table", str(path))
+    out = run_script("optimizer_step.py", *args, tmp_path=tmp_path)
+    header = "| shapes | auto step (s) | Polar Express step (s) | auto / Polar Express | NS FLOPs auto / PE |"
+    lines = out.splitlines()
+    block = lines[lines.index("|---|---|---|---|---|", lines.index(header)) + 1]
+    assert block.startswith("| 4× 81×81, 2× 220×81, 81×220 |")
+    # 4·6 steps at 81² and 3·3 at 81×220, against 5 steps everywhere: matmul FLOPs 4m²n + 2m³ per step.
+    square, mlp = 4 * 81 * 81 * 81 + 2 * 81**3, 4 * 81 * 81 * 220 + 2 * 81**3
+    ratio = (4 * 6 * square + 3 * 3 * mlp) / (5 * (4 * square + 3 * mlp))
+    assert block.rstrip(" |").endswith(f"{ratio:.2f}")
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " / 5 | " in line}
+    assert rows["| 81×81"][1] == "6 / 5" and rows["| 81×220"][1] == "3 / 5"
+    assert rows["| 81×81"][6] == "not recorded"  # a hand-made table carries no validation metrics
+
+
+@pytest.mark.slow
 def test_calibration_speed_benchmark_smoke(tmp_path):
     out = run_script(
         "calibration_speed.py",
