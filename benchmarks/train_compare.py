@@ -286,7 +286,8 @@ class ExactPolarROOT(ROOT):
         self.svd_dtype = svd_dtype
         super().__init__(*args, **kwargs)
 
-    def _directions(self, update: Tensor, group: dict) -> Tensor:
+    def _directions(self, update: Tensor, group: dict, *_recording) -> Tensor:
+        # ``*_recording``: ROOT passes recorded parameter names when it records; this arm never records.
         if group["outlier_quantile"] is not None:
             update = clip_to_quantile(update, group["outlier_quantile"])
         return exact_polar(update, self.svd_dtype)
