@@ -44,8 +44,9 @@ __all__ = [
     "row_chunks",
 ]
 
-# Turns a (b, m, n) batch of whole same-shape updates into their (b, m, n) orthogonalised directions.
-BatchDirections = Callable[[Tensor], Tensor]
+# Turns a (b, m, n) batch of whole same-shape updates into their (b, m, n) orthogonalised directions; the
+# second argument holds the batch's indices into the caller's list (ROOT records matrices by them).
+BatchDirections = Callable[[Tensor, Sequence[int]], Tensor]
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -161,7 +162,7 @@ def orthogonalize_replicated(
         batch = template.new_zeros((max(map(len, shares)), *template.shape))
         mine = shares[rank]
         if mine:
-            batch[: len(mine)] = directions_of(torch.stack([updates[i] for i in mine]))
+            batch[: len(mine)] = directions_of(torch.stack([updates[i] for i in mine]), mine)
         gathered = [torch.empty_like(batch) for _ in range(world)]
         dist.all_gather(gathered, batch, group=group)
         for owner, share in enumerate(shares):
@@ -226,7 +227,7 @@ def _exchange_rows(
     dist.all_to_all_single(received, send, receive_splits, send_splits, group=group)
     pieces = received.split(receive_splits)
     whole = torch.cat([pieces[s].view(counts[rank], held[s], cols) for s in range(world)], dim=1)
-    result = directions_of(whole) if counts[rank] else whole
+    result = directions_of(whole, shares[rank]) if counts[rank] else whole
     # Round 2: the same splits reversed, each rank getting its rows of every matrix back.
     starts = [sum(held[:s]) for s in range(world)]
     back = torch.cat([result[:, starts[s] : starts[s] + held[s]].reshape(-1) for s in range(world)])

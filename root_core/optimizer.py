@@ -9,6 +9,7 @@ are not matrices, and those a group marks ``use_root=False`` (embeddings, LM hea
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .distributed import (
 from .newton_schulz import NS_FORMS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
+from .recording import DEFAULT_RECORD_EVERY, MomentumRecorder
+from .recalibration import OnlineRecalibration, check_recalibration_args
 from .schedule import DEFAULT_EPS, Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
 from .tables import MISSING_POLICIES, CoefficientTable, TableEntry, TableError, load_table
@@ -55,6 +58,12 @@ GROUP_TABLE_KEY = "root_table"  # "name@version", for messages
 GROUP_TABLE_HASH_KEY = "root_table_hash"  # the table's coefficients_hash: what a resume checks
 # Where checkpoints written before the identity moved into the groups kept it (a dict: table.ref).
 LEGACY_STATE_TABLE_KEY = "root_table"
+# The recorder's step count in state_dict(), so a resumed run records on the same steps (a top-level key:
+# torch.distributed.checkpoint drops it, and such a resume counts recorded steps from 0 again).
+RECORDER_STATE_KEY = "root_recorder"
+# With online recalibration, the table in use and the refit schedule (root_core/recalibration.py). A
+# top-level key, so torch.distributed.checkpoint drops it; a resume from there names the table on disk.
+RECALIBRATION_STATE_KEY = "root_recalibration"
 # Same-shape matrices are clipped and orthogonalised together, up to this many elements per batch (one
 # 4096×4096 matrix): batching pays where matrices are small and per-call overhead dominates, while a
 # stack of large ones only multiplies the step's workspace (a 7B model holds 128 q/k/v/o matrices).
@@ -88,6 +97,15 @@ class ROOT(torch.optim.Optimizer):
             default; warns once in a job of several ranks) and ``False`` never split, so each rank steps
             its own parameters, as pipeline or tensor parallel ranks must. FSDP2's DTensor parameters are
             always handled across their mesh. See :mod:`root_core.distributed`.
+        record_dir, record_every, record_matrices: record what Newton–Schulz receives on steps 1,
+            N + 1, 2N + 1, … (N = ``record_every``) into ``record_dir``: each ROOT-routed matrix's float64
+            spectrum, and the whole update of the parameters matched by ``record_matrices`` (``fnmatch``
+            patterns). See :mod:`root_core.recording`; ``root-calibrate --real record_dir`` calibrates on
+            it. Names come from named parameters (``model.named_parameters()``, or ``(name, p)`` pairs in
+            a group), else ``group{g}.param{i}``.
+        recorder: a :class:`~root_core.recording.MomentumRecorder`, instead of ``record_dir``; either way
+            it is ``opt.recorder`` (``None`` when not recording). With recording on, the step is not one
+            graph for ``torch.compile(fullgraph=True)``: the recorder counts steps and writes files.
 
     Example::
 
@@ -115,7 +133,15 @@ class ROOT(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = DEFAULT_ADAMW_EPS,
         data_parallel: bool | ProcessGroup | None = None,
+        record_dir: str | os.PathLike | None = None,
+        record_every: int = DEFAULT_RECORD_EVERY,
+        record_matrices: Iterable[str] = (),
+        recorder: MomentumRecorder | None = None,
+        recalibrate: Any = None,
+        recalibrate_every: int | None = None,
+        recalibrate_lag: int | None = None,
     ) -> None:
+        recalibrate_lag = check_recalibration_args(recalibrate, recalibrate_every, recalibrate_lag)
         if missing_shape not in MISSING_POLICIES:
             raise ValueError(f"missing_shape must be one of {MISSING_POLICIES}, got {missing_shape!r}")
         check_data_parallel(data_parallel)
@@ -142,7 +168,15 @@ class ROOT(torch.optim.Optimizer):
             adamw_eps=adamw_eps,
         )
         _validate_group(defaults)
+        # Before the groups are added: add_param_group names each parameter for the recordings.
+        self.recorder = _recorder(record_dir, record_every, record_matrices, recorder)
+        self._param_names: dict[int, str] = {}  # id(parameter) → its name in recordings
         super().__init__(params, defaults)
+        if self.recorder is not None:  # the recorder's step count rides in state_dict()
+            self.register_state_dict_post_hook(_save_recorder_step)
+            self.register_load_state_dict_pre_hook(_load_recorder_step)
+        self._online = self._online_recalibration(recalibrate, recalibrate_every, recalibrate_lag)
+        self._table_from_state = False  # the table came from a recalibrated run's state dict
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "ns_coefficients" in param_group:
@@ -154,6 +188,7 @@ class ROOT(torch.optim.Optimizer):
             param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._name_parameters(len(self.param_groups) - 1, group)
         group.update(self._table_keys())
         _validate_group(group)
         for p in group["params"]:
@@ -171,6 +206,12 @@ class ROOT(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("data_parallel", None)  # pickled before the setting existed
         self.__dict__.setdefault("_forms", {})  # pickled before per-entry NS forms existed
+        self.__dict__.setdefault("recorder", None)  # pickled before recording existed
+        self._param_names = {}
+        for index, group in enumerate(self.param_groups):
+            self._name_parameters(index, group)
+        self.__dict__.setdefault("_online", None)  # pickled before online recalibration existed
+        self.__dict__.setdefault("_table_from_state", False)
         # Checkpoints written before a group key existed still load, with that key's default. The table
         # keys name this optimizer's table: load_state_dict has checked that the saved one has its numbers.
         for group in self.param_groups:
@@ -179,16 +220,39 @@ class ROOT(torch.optim.Optimizer):
             group.update(self._table_keys())
         self._layouts = {index: group_layout(group) for index, group in enumerate(self.param_groups)}
 
+    def _name_parameters(self, index: int, group: dict[str, Any]) -> None:
+        """Each parameter's name in recordings: torch's ``param_names``, else ``group{g}.param{i}``."""
+        names = group.get("param_names") or [f"group{index}.param{i}" for i in range(len(group["params"]))]
+        self._param_names.update((id(p), name) for p, name in zip(group["params"], names, strict=True))
+
     def _table_keys(self) -> dict[str, str]:
         return {
             GROUP_TABLE_KEY: f"{self.table.name}@{self.table.version}",
             GROUP_TABLE_HASH_KEY: self.table.coefficients_hash,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state, plus (with online recalibration) the table in use and the schedule."""
+        state = super().state_dict()
+        if self._online is not None or self._table_from_state:
+            online = self._online.state_dict() if self._online is not None else {}
+            state[RECALIBRATION_STATE_KEY] = {"table": self.table.to_dict(), **online}
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse state saved with other coefficients; the table's name, metrics and provenance may differ."""
+        """Refuse state saved with other coefficients; the table's name, metrics and provenance may differ.
+
+        State saved with online recalibration carries its table: this optimizer continues with exactly
+        those rows (and, if it recalibrates too, with the same schedule and the fit that was in flight).
+        """
         state_dict = dict(state_dict)
         legacy = state_dict.pop(LEGACY_STATE_TABLE_KEY, None)
+        online = state_dict.pop(RECALIBRATION_STATE_KEY, None)
+        if online is not None:
+            self._use_table(CoefficientTable.from_dict(online["table"], source="<optimizer state>"))
+            self._table_from_state = True  # carried on into this optimizer's own checkpoints
+            if self._online is not None:
+                self._online.load_state_dict({k: v for k, v in online.items() if k != "table"})
         check_table_identity(self.table, state_dict.get("param_groups", []), legacy)
         super().load_state_dict(state_dict)
 
@@ -204,16 +268,61 @@ class ROOT(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        recording = self.recorder is not None and self.recorder.begin_step()
         for index, group in enumerate(self.param_groups):
             layout = self._layout_of(index, group)
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("ROOT does not support sparse gradients")
-            self._root_updates(layout, group)
+            self._root_updates(layout, group, recording)
             adamw_params = [p for p in layout.adamw if p.grad is not None]
             if adamw_params:
                 self._adamw_update(adamw_params, group)
+        if recording:
+            self.recorder.end_step()
+        if self._online is not None:  # a step boundary: rows change only here (root_core/recalibration.py)
+            self._online.after_step(
+                self.recorder.spectra(), self.table, self.missing_shape, self._apply_recalibration
+            )
         return loss
+
+    @property
+    def recalibrations(self) -> list[dict[str, Any]]:
+        """Each online refit applied so far: launch and apply steps, whether rows changed, the new table's
+        path and, per shape, the decision and the errors on held-out recorded spectra."""
+        return [] if self._online is None else list(self._online.log)
+
+    def _online_recalibration(self, recalibrate: Any, every: int | None, lag: int | None):
+        if recalibrate is None:
+            return None
+        if getattr(self, "recorder", None) is None:
+            raise ValueError(
+                f"recalibrate_every={every} refits on recorded spectra, but this ROOT records none: pass "
+                "record_dir= (and record_every=) or recorder="
+            )
+        if _world_size() > 1:
+            raise ValueError(
+                "online recalibration runs in single-process training only: ranks would refit on different "
+                "spectra and train with different rows; calibrate offline from the recordings instead"
+            )
+        return OnlineRecalibration(recalibrate, every=every, lag=lag)
+
+    def _apply_recalibration(self, table: dict[str, Any], path: str | None) -> CoefficientTable:
+        self._use_table(CoefficientTable.from_dict(table, source=path or "<recalibration>"))
+        return self.table
+
+    def _use_table(self, table: CoefficientTable) -> None:
+        """Run ``table`` from the next step on: its schedules and forms resolved now, not in the step."""
+        cached = list(self._schedules)
+        forms = list(self._forms)
+        self.table = table
+        self._schedules, self._forms = {}, {}
+        for shape, ns_steps in cached:
+            self._schedule_for_shape(shape, ns_steps)
+        for shape in forms:
+            self._form_for_shape(shape)
+        for group in self.param_groups:
+            group.update(self._table_keys())
 
     def _layout_of(self, index: int, group: dict[str, Any]) -> GroupLayout:
         """The group's layout from construction; rebuilt only if its parameter list was replaced."""
@@ -222,8 +331,11 @@ class ROOT(torch.optim.Optimizer):
             layout = self._layouts[index] = group_layout(group)
         return layout
 
-    def _root_updates(self, layout: GroupLayout, group: dict[str, Any]) -> None:
-        """Step one group's matrices: in same-shape batches, or with the NS work shared across ranks."""
+    def _root_updates(self, layout: GroupLayout, group: dict[str, Any], recording: bool = False) -> None:
+        """Step one group's matrices: in same-shape batches, or with the NS work shared across ranks.
+
+        ``recording``: NS inputs go to the recorder, on the rank that orthogonalises each matrix.
+        """
         sharded = [p for p in layout.sharded if p.grad is not None]
         replicated = [p for p in layout.replicated if p.grad is not None]
         process_group = resolve_data_parallel(self.data_parallel) if replicated else None
@@ -231,26 +343,36 @@ class ROOT(torch.optim.Optimizer):
             for batch in layout.batches:
                 ready = [p for p in batch if p.grad is not None]
                 if ready:
-                    self._batch_update(ready, group)
+                    self._batch_update(ready, group, recording)
         elif replicated:
             updates = [self._momentum_update(p, group) for p in replicated]
             directions = orthogonalize_replicated(
-                updates, lambda batch: self._directions(batch, group), group=process_group
+                updates, self._directions_of(replicated, group, recording), group=process_group
             )
             self._apply_updates(replicated, directions, group)
         if sharded:
             check_row_sharded(sharded)
             updates = [self._momentum_update(p, group) for p in sharded]
-            directions = orthogonalize_sharded(sharded, updates, lambda batch: self._directions(batch, group))
+            directions_of = self._directions_of(sharded, group, recording)
+            directions = orthogonalize_sharded(sharded, updates, directions_of)
             self._apply_updates(sharded, directions, group)
 
-    def _batch_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+    def _directions_of(self, params: list[Tensor], group: dict[str, Any], recording: bool):
+        """The batch function the distributed split calls with the indices (into ``params``) of a batch."""
+        return lambda batch, indices: self._directions(batch, group, self._names(params, indices, recording))
+
+    def _names(self, params: list[Tensor], indices, recording: bool) -> list[str] | None:
+        """The recorded names of ``params[i]`` for ``i`` in ``indices``; None when not recording."""
+        return [self._param_names[id(params[i])] for i in indices] if recording else None
+
+    def _batch_update(self, params: list[Tensor], group: dict[str, Any], recording: bool = False) -> None:
         """Step matrices of one shape: one clip and one NS call for all (a lone matrix is not stacked)."""
         updates = [self._momentum_update(p, group) for p in params]
+        names = self._names(params, range(len(params)), recording)
         if len(updates) == 1:
-            directions = [self._directions(updates[0], group)]
+            directions = [self._directions(updates[0], group, names)]
         else:
-            directions = list(self._directions(torch.stack(updates), group).unbind(0))
+            directions = list(self._directions(torch.stack(updates), group, names).unbind(0))
         self._apply_updates(params, directions, group)
 
     def _momentum_update(self, p: Tensor, group: dict[str, Any]) -> Tensor:
@@ -269,15 +391,31 @@ class ROOT(torch.optim.Optimizer):
             nesterov=group["nesterov"],
         )
 
-    def _directions(self, update: Tensor, group: dict[str, Any]) -> Tensor:
-        """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices."""
+    def _directions(self, update: Tensor, group: dict[str, Any], names: list[str] | None = None) -> Tensor:
+        """Clip and orthogonalise a whole matrix, or a (b, m, n) batch of same-shape matrices.
+
+        With ``names`` (a recorded step) the clipped update B goes to the recorder before NS: the clip and
+        the NS call of :func:`clipped_direction`, in two calls, so the result has the same bits.
+        """
         eps = self.table.normalization.eps if group["eps"] is None else group["eps"]
         shape = tuple(update.shape[-2:])
         form = group.get("ns_form") or self._form_for_shape(shape)  # .get: older checkpoints
+        quantile = group["outlier_quantile"]
+        if names is not None:
+            clipped = update if quantile is None else clip_to_quantile(update, quantile)
+            self.recorder.observe(
+                names,
+                update,
+                clipped,
+                clip_quantile=quantile,
+                table=f"{self.table.name}@{self.table.version}",
+                table_hash=self.table.coefficients_hash,
+            )
+            update, quantile = clipped, None
         return clipped_direction(
             update,
             self._schedule_for_shape(shape, group["ns_steps"]),
-            outlier_quantile=group["outlier_quantile"],
+            outlier_quantile=quantile,
             eps=eps,
             ns_dtype=_dtype_from_name(group["ns_dtype"]) or default_ns_dtype(update.device, form),
             form=form,
@@ -359,6 +497,34 @@ FORMER_BUNDLED_CONTENT_HASHES = {
 }
 
 
+def _recorder(
+    record_dir: Any, record_every: int, record_matrices: Iterable[str], recorder: MomentumRecorder | None
+) -> MomentumRecorder | None:
+    """The recorder ROOT hands NS inputs to: the one given, a new one for ``record_dir``, or None."""
+    if recorder is not None:
+        if record_dir is not None:
+            raise ValueError("pass record_dir= or recorder=, not both")
+        if not isinstance(recorder, MomentumRecorder):
+            raise ValueError(f"recorder must be a root_core.recording.MomentumRecorder, got {recorder!r}")
+        return recorder
+    if record_dir is None:
+        return None
+    return MomentumRecorder(record_dir, every=record_every, matrices=record_matrices)
+
+
+def _save_recorder_step(optimizer: ROOT, state_dict: dict[str, Any]) -> dict[str, Any]:
+    state_dict[RECORDER_STATE_KEY] = optimizer.recorder.state_dict()
+    return state_dict
+
+
+def _load_recorder_step(optimizer: ROOT, state_dict: dict[str, Any]) -> dict[str, Any]:
+    state_dict = dict(state_dict)
+    saved = state_dict.pop(RECORDER_STATE_KEY, None)
+    if saved is not None and optimizer.recorder is not None:
+        optimizer.recorder.load_state_dict(saved)
+    return state_dict
+
+
 def check_table_identity(table: CoefficientTable, saved_groups: list[dict[str, Any]], legacy: Any) -> None:
     """Raise ValueError when saved param groups (or an old checkpoint's top-level ref) name a table whose
     coefficients differ from ``table``'s; say which rows differ when the saved table can still be loaded."""
@@ -392,6 +558,11 @@ def _saved_table(spec: str) -> CoefficientTable | None:
         return load_table(spec)
     except (TableError, TypeError):
         return None
+
+
+def _world_size() -> int:
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
 
 
 class FragileScheduleWarning(UserWarning):
