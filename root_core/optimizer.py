@@ -31,8 +31,8 @@ from .distributed import (
 from .newton_schulz import NS_FORMS, default_ns_dtype, orthogonalize
 from .outliers import DEFAULT_OUTLIER_QUANTILE, clip_to_quantile
 from .param_groups import root_param_groups
-from .recording import DEFAULT_RECORD_EVERY, MomentumRecorder
 from .recalibration import OnlineRecalibration, check_recalibration_args
+from .recording import DEFAULT_RECORD_EVERY, MomentumRecorder
 from .schedule import DEFAULT_EPS, Schedule
 from .spectral import ROUNDING_MARGIN, composition_range
 from .tables import MISSING_POLICIES, CoefficientTable, TableEntry, TableError, load_table
@@ -106,6 +106,12 @@ class ROOT(torch.optim.Optimizer):
         recorder: a :class:`~root_core.recording.MomentumRecorder`, instead of ``record_dir``; either way
             it is ``opt.recorder`` (``None`` when not recording). With recording on, the step is not one
             graph for ``torch.compile(fullgraph=True)``: the recorder counts steps and writes files.
+        recalibrate, recalibrate_every, recalibrate_lag: online recalibration (needs recording). After
+            every ``recalibrate_every``-th step the spectra recorded so far go to ``recalibrate.submit``
+            (``calibrate.online.OnlineRecalibrator``: the CLI's fit, in a worker process); its answer is
+            applied after exactly ``recalibrate_lag`` (default ``recalibrate_every``) more steps, waiting
+            for it if needed, so the rows never depend on timing. ``opt.recalibrations`` logs each refit;
+            ``state_dict()`` carries the table in use. See :mod:`root_core.recalibration`.
 
     Example::
 

@@ -263,7 +263,13 @@ class OnlineRecalibration:
         future, self._future = self._future, None
         if future is None:  # restored from a state dict and not re-submitted (cannot happen: load submits)
             raise RuntimeError("online recalibration lost the fit it launched")
-        result = future.result()
+        try:
+            result = future.result()
+        except Exception as error:  # a worker that died, or a bug: say which fit, keep the cause
+            raise RuntimeError(
+                f"online recalibration launched after step {self.pending_step} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         if not isinstance(result, RecalibrationResult):
             raise TypeError(
                 f"recalibrate's future returned {type(result).__name__}, not a RecalibrationResult"

@@ -399,3 +399,33 @@ def test_a_worker_process_gives_the_rows_an_inline_fit_gives(tmp_path):
     for p, q in zip(inline_model.parameters(), worker_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert json.loads(json.dumps(worker_optimizer.recalibrations))  # plain data, for logs
+
+
+def test_a_multi_rank_job_is_refused_at_construction(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(
+        ValueError, match=re.escape("online recalibration runs in single-process training only")
+    ):
+        ROOT(
+            [nn.Parameter(torch.zeros(4, 4))],
+            record_dir=tmp_path,
+            recalibrate=inline(tmp_path),
+            recalibrate_every=2,
+        )
+
+
+class FailingRecalibrator:
+    def submit(self, request):
+        future = concurrent.futures.Future()
+        future.set_exception(OSError("worker died"))
+        return future
+
+
+def test_a_failed_fit_names_its_launch_step_where_the_training_waits_for_it(tmp_path):
+    model = make_net()
+    optimizer = online_root(model, tmp_path, FailingRecalibrator(), every=2, lag=1)
+    train(model, optimizer, range(1, 3))  # launched after step 2
+    message = "online recalibration launched after step 2 failed: OSError: worker died"
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        train(model, optimizer, range(3, 4))
