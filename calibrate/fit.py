@@ -125,6 +125,8 @@ class FitResult:
     method: dict[str, object] = field(default_factory=dict)
     # The stress sets' errors next to the baseline's, and the price in mean error (``robust_report``).
     robust: dict[str, object] = field(default_factory=dict)
+    # --steps auto: the target, the frontier (errors and FLOPs per k) and the chosen k (calibrate/steps.py).
+    steps_search: dict[str, object] = field(default_factory=dict)
 
 
 def compress(spectra: Tensor, points: int = SEARCH_POINTS) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,17 +21,39 @@ from root_core.tables import BASELINE_TABLES, CoefficientTable, load_table, next
 from .determinism import deterministic
 from .errors import CalibrationError
 from .evaluate import matrix_errors
-from .fit import FitResult, FitSettings, check_storage, fit, fold_scale
-from .objective import Safety, safety, sample_errors, stack_spectra, stress_spectra, tail_statistics
+from .fit import STRESS_BASELINES, FitResult, FitSettings, check_storage, fit, fold_scale
+from .objective import (
+    Safety,
+    mean_error,
+    safety,
+    sample_errors,
+    stack_spectra,
+    stress_sets,
+    stress_spectra,
+    tail_statistics,
+)
 from .progress import Stages
 from .sampling import Sample
 from .sampling.harvest import cached_harvest, harvest_run_steps, resolve_steps
 from .sampling.mix import reject_non_finite, split_counts, train_validation_split
 from .sampling.probes import parse_probes
 from .sampling.real import load_real_samples
+from .sampling.recorded import check_recorded_clip, check_recorded_shapes, recorded_step
 from .sampling.synthetic import family_cycle, synthetic_samples
 from .shapes import LayerShape, format_shape
 from .spectra import SpectrumCache
+from .steps import (
+    MAX_AUTO_STEPS,
+    MIN_AUTO_STEPS,
+    TARGET_SETS,
+    FrontierPoint,
+    Target,
+    auto_iterations,
+    choose_steps,
+    frontier_record,
+    ns_matmul_flops,
+    target_levels,
+)
 
 ShapeKey = tuple[int, int]
 # The default rows of a calibrated table, for shapes it does not list: Muon's triple, the ROOT
@@ -65,6 +87,8 @@ class CalibrationRequest:
     command: str = ""
     ranks: int = 1  # torchrun processes sharing the work (calibrate/ranks.py)
     keep_fitted: bool = False  # --keep-fitted: ship fitted rows even where they lose to the baseline
+    # --steps auto: the target each shape's step count must reach (calibrate/steps.py); None: fit.steps
+    target: Target | None = None
 
 
 @dataclass
@@ -105,6 +129,8 @@ class ShapeResult:
         if self.fallback is None:
             return ""
         shape, to = format_shape(self.key), self.fallback["to"]
+        if "steps" in self.fallback:  # compared at the fitted count, not the baseline's own
+            to = f"{to} at {self.fallback['steps']} steps"
         if self.fallback.get("kept"):
             return f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}); kept (--keep-fitted)"
         return (
@@ -112,10 +138,28 @@ class ShapeResult:
             "(--keep-fitted keeps the fitted ones)"
         )
 
+    @property
+    def steps_note(self) -> str:
+        """--steps auto: one line per shape with the chosen count, or that no k reached the target."""
+        search = self.fit.steps_search
+        if not search:
+            return ""
+        shape, steps = format_shape(self.key), self.schedule.num_steps
+        if search["reached"]:
+            return f"{shape}: {steps} steps reach the target ({search['target_meaning']})"
+        return (
+            f"{shape}: no safe rows reach the target ({search['target_meaning']}) within "
+            f"{search['searched_steps'][-1]} steps; the table uses the {steps}-step rows, the lowest "
+            "validation error on the frontier (root-calibrate show)"
+        )
+
     def metrics(self) -> dict:
         bound = self.safety
         kept = self.fallback is not None and self.fallback.get("kept")
+        steps = self.schedule.num_steps
         return {
+            "steps": steps,
+            "flops_per_call": ns_matmul_flops(self.key, steps),  # calibrate.steps.ns_matmul_flops
             "calibration_error": (
                 self.fit.calibration_error if self.calibration_error is None else self.calibration_error
             ),
@@ -139,6 +183,7 @@ class ShapeResult:
             "robust": self.fit.robust,
             "tails": self.tails,
             **({"loses_to_baseline" if kept else "fallback": self.fallback} if self.fallback else {}),
+            **({"steps_search": self.fit.steps_search} if self.fit.steps_search else {}),
             "samples": self.counts,
             "seconds": {stage: round(s, 3) for stage, s in self.seconds.items()},
         }
@@ -229,11 +274,13 @@ def calibrate_shape(
     seconds["spectra"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    fitted = fit_shape(key, [spectra[id(s)] for s in calibration], request, stages)
+    fitted = fit_shape(
+        key, [spectra[id(s)] for s in calibration], request, stages, [spectra[id(s)] for s in validation]
+    )
     seconds["fit"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    checked = validation[: request.check_samples]
+    checked = matrix_checked(validation, request)
     with stages.stage(f"{format_shape(key)} matrix check vs SVD", len(checked)) as advance:
         matrix = check_matrices(key, [s.matrix for s in checked], fitted, request, advance)
     seconds["check"] = time.perf_counter() - started
@@ -241,19 +288,127 @@ def calibrate_shape(
 
 
 def sample_spectrum(sample: Sample, request: CalibrationRequest, cache: SpectrumCache) -> Tensor:
+    if not sample.has_matrix:  # a recorded spectrum, taken at this clip quantile (check_recorded_clip)
+        return sample.spectrum
     return cache.spectrum(sample.matrix, clip_quantile=request.clip_quantile, device=request.device)
 
 
 @deterministic  # the search's reductions depend on the thread count (calibrate/determinism.py)
-def fit_shape(key: ShapeKey, spectra: list[Tensor], request: CalibrationRequest, stages: Stages) -> FitResult:
+def fit_shape(
+    key: ShapeKey,
+    spectra: list[Tensor],
+    request: CalibrationRequest,
+    stages: Stages,
+    validation: list[Tensor] | None = None,
+) -> FitResult:
+    """The shape's rows from its calibration spectra; with --steps auto, also its validation spectra."""
+    if request.target is not None:
+        if not validation:
+            raise CalibrationError("--steps auto needs validation spectra to choose a step count")
+        return search_steps(key, stack_spectra(spectra), stack_spectra(validation), request, stages)
     with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
         fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
         advance(1)
     return fitted
 
 
+def search_steps(
+    key: ShapeKey, calibration: Tensor, validation: Tensor, request: CalibrationRequest, stages: Stages
+) -> FitResult:
+    """--steps auto: rows for k = 2, 3, … on the same spectra, stopping at the first k that reaches the
+    target; the fit at that k (or, where none does, at the k with the lowest validation error) carries
+    the frontier in ``steps_search``. Each k is the fixed-k fit (robust criterion, bound) with
+    ``auto_iterations`` generations, started also from the previous k's rows."""
+    assert request.target is not None
+    settings = replace(request.fit, iterations=auto_iterations(request.fit.iterations))
+    reference = settings.stress_baseline
+    published = {name: load_table(name).default_schedule for name in TARGET_SETS}
+    levels = target_levels(
+        request.target,
+        {name: mean_error(validation, s) for name, s in published.items()},
+        {
+            name: {s.name: s.baseline_error for s in stress_sets(calibration, schedule)}
+            for name, schedule in published.items()
+        }
+        if settings.criterion == "robust"
+        else {},
+        reference,
+    )
+    stressed = stress_spectra(calibration)
+    frontier: list[FrontierPoint] = []
+    fits: dict[int, FitResult] = {}
+    label = f"{format_shape(key)} fit, auto steps (target {request.target.text})"
+    with stages.stage(label, MAX_AUTO_STEPS - MIN_AUTO_STEPS + 1) as advance:
+        for steps in range(MIN_AUTO_STEPS, MAX_AUTO_STEPS + 1):
+            starts = previous_start(fits.get(steps - 1), steps, settings.shared)
+            fitted = fit(
+                calibration, replace(settings, steps=steps), label=format_shape(key), extra_starts=starts
+            )
+            fits[steps] = fitted
+            shipped, rows = shipped_at(fitted, reference, validation, request.keep_fitted)
+            frontier.append(
+                FrontierPoint(
+                    steps=steps,
+                    validation_error=mean_error(validation, rows),
+                    stress_errors={name: mean_error(s, rows) for name, s in stressed.items()},
+                    shipped=shipped,
+                    bound=safety(rows, settings.max_gain).high,
+                )
+            )
+            advance(1)
+            if frontier[-1].reaches(levels):
+                break
+        advance(MAX_AUTO_STEPS - steps)
+    chosen = choose_steps(frontier, levels)
+    pick = chosen or min(frontier, key=lambda p: (p.validation_error, p.steps)).steps
+    result = fits[pick]
+    by_steps = {
+        name: {k: mean_error(validation, s.with_steps(k)) for k in range(1, MAX_AUTO_STEPS + 1)}
+        for name, s in published.items()
+    }
+    result.steps_search = frontier_record(key, frontier, levels, request.target, chosen, by_steps)
+    result.steps_search["iterations_per_k"] = settings.iterations
+    result.seconds = sum(f.seconds for f in fits.values())
+    return result
+
+
+def previous_start(previous: FitResult | None, steps: int, shared: bool) -> dict[str, Schedule] | None:
+    """The previous k's rows, continued to ``steps`` (Schedule.expanded), as one more start point."""
+    if previous is None:
+        return None
+    if shared:
+        return {"auto:previous k": Schedule(rows=previous.schedule.rows[:1], steps=steps)}
+    return {"auto:previous k": previous.schedule.with_steps(steps)}
+
+
+def shipped_at(
+    fitted: FitResult, baseline: str, validation: Tensor, keep_fitted: bool
+) -> tuple[str, Schedule]:
+    """What the table would ship at the fit's step count by the spectral half of ``baseline_check``: the
+    fitted rows, or the baseline's at the same count where the fitted ones lose on validation."""
+    rows = baseline_rows(baseline, fitted.schedule.num_steps)
+    if keep_fitted or mean_error(validation, fitted.schedule) <= mean_error(validation, rows):
+        return "fitted", fitted.schedule
+    return baseline, rows
+
+
+def same_steps_label(name: str, steps: int) -> str:
+    """A bundled set's label at ``steps`` steps: its name at its own count, else "name (k steps)"."""
+    return name if steps == load_table(name).default_schedule.num_steps else f"{name} ({steps} steps)"
+
+
+def fit_baseline(fitted: FitResult) -> str:
+    """The set the fit was held to (Polar Express per-step, Muon shared), from the fit's own record."""
+    return STRESS_BASELINES[str(fitted.method.get("form", "per-step"))]
+
+
 def check_schedules(key: ShapeKey, fitted: FitResult) -> dict[str, Schedule]:
-    return {"calibrated": fitted.schedule, **baseline_schedules(key)}
+    """The fitted rows, the baselines at their own counts, and the fit's baseline at the fitted count (the
+    fallback compares at equal steps: Polar Express extended by its last row)."""
+    schedules = {"calibrated": fitted.schedule, **baseline_schedules(key)}
+    name, steps = fit_baseline(fitted), fitted.schedule.num_steps
+    schedules.setdefault(same_steps_label(name, steps), baseline_rows(name, steps))
+    return schedules
 
 
 def check_matrices(
@@ -299,14 +454,16 @@ def shape_result(
     fallback = baseline_check(fitted, spectral, matrix, request)
     shipped = None
     if fallback is not None and not fallback["kept"]:
-        shipped = baseline_rows(fallback["to"], request.fit.steps)
-        spectral, matrix = shipped_errors(fallback["to"], spectral, matrix, validation_spectra, shipped)
+        steps = fitted.schedule.num_steps
+        shipped = baseline_rows(fallback["to"], steps)
+        label = same_steps_label(fallback["to"], steps)
+        spectral, matrix = shipped_errors(label, spectral, matrix, validation_spectra, shipped)
     counts = {
         "real": sum(s.kind == "real" for s in samples),
         "synthetic": sum(s.kind == "synthetic" for s in samples),
         "calibration": len(calibration),
         "validation": len(validation),
-        "matrix_checked": len(validation[: request.check_samples]),
+        "matrix_checked": len(matrix_checked(validation, request)),
     }
     return ShapeResult(
         key=key,
@@ -323,6 +480,12 @@ def shape_result(
     )
 
 
+def matrix_checked(validation: Sequence[Sample], request: CalibrationRequest) -> list[Sample]:
+    """The first --check-samples validation samples, less recorded spectra: they have no matrix to iterate
+    (their spectral errors still count; sampling/recorded.py)."""
+    return [s for s in validation[: request.check_samples] if s.has_matrix]
+
+
 def baseline_check(
     fitted: FitResult,
     spectral: dict[str, list[float]],
@@ -332,24 +495,27 @@ def baseline_check(
     """Where the fitted rows lose to the fit's baseline (Polar Express; shared: Muon) on validation, why.
 
     Losing means a higher mean on either column the summary shows for both: the float64 spectral error of
-    the validation samples, or the bf16 matrix error of the checked ones. ``kept`` says --keep-fitted
-    ships them anyway; the fitted rows are recorded either way, so they are never lost.
+    the validation samples, or the bf16 matrix error of the checked ones, at the fitted step count (the
+    baseline extended by its last row, ``check_schedules``). ``kept`` says --keep-fitted ships them
+    anyway; the fitted rows are recorded either way, so they are never lost.
     """
     name = request.fit.stress_baseline
-    if name not in spectral:
+    label = same_steps_label(name, fitted.schedule.num_steps)
+    if label not in spectral:
         return None
-    fitted_error, baseline_error = _mean(spectral["calibrated"]), _mean(spectral[name])
+    fitted_error, baseline_error = _mean(spectral["calibrated"]), _mean(spectral[label])
     reasons = []
     if fitted_error > baseline_error:
         reasons.append(f"validation spectral error {fitted_error:.4f} > {baseline_error:.4f}")
     fitted_bf16 = matrix.get("calibrated", {}).get("bfloat16")
-    baseline_bf16 = matrix.get(name, {}).get("bfloat16")
+    baseline_bf16 = matrix.get(label, {}).get("bfloat16")
     if fitted_bf16 and baseline_bf16 and _mean(fitted_bf16) > _mean(baseline_bf16):
         reasons.append(f"bf16 matrix error {_mean(fitted_bf16):.4f} > {_mean(baseline_bf16):.4f}")
     if not reasons:
         return None
     return {
         "to": name,
+        **({"steps": fitted.schedule.num_steps} if label != name else {}),
         "reason": "; ".join(reasons),
         "fitted_error": fitted_error,
         "baseline_error": baseline_error,
@@ -415,7 +581,7 @@ def build_table(request: CalibrationRequest, results: Sequence[ShapeResult]) -> 
     entries = {
         r.key: {
             "coefficients": [list(row) for row in r.schedule.rows],
-            "steps": request.fit.steps,
+            "steps": r.schedule.num_steps,
             "metrics": r.metrics(),
         }
         for r in results
@@ -457,9 +623,17 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
             {"name": s.name, "shape": list(s.shape), "count": s.count} for s in request.layer_shapes or []
         ],
         "sources": {format_shape(r.key): r.sources for r in results},
+        # From ROOT's recordings (sources ``file:<recording>:<key>@step<N>``): the training steps used.
+        **({"recorded_steps": recorded} if (recorded := recorded_steps(results)) else {}),
         # Only split runs say so, so a single-process table is unchanged by the option existing.
         **({"ranks": request.ranks} if request.ranks > 1 else {}),
     }
+
+
+def recorded_steps(results: Sequence[ShapeResult]) -> dict[str, list[int]]:
+    """Per shape, the recorded training steps its samples come from (none: not from recordings)."""
+    steps = {format_shape(r.key): {recorded_step(source) for source in r.sources} - {None} for r in results}
+    return {shape: sorted(found) for shape, found in steps.items() if found}
 
 
 def real_origins(result: ShapeResult) -> dict[str, int]:
@@ -495,9 +669,14 @@ def real_files(request: CalibrationRequest) -> dict[ShapeKey, list[Sample]]:
     """The --real samples per shape; a file not marked as momentum is refused (sampling/real.py)."""
     if not request.real:
         return {}
-    return load_real_samples(
+    found = load_real_samples(
         request.real, request.shapes, is_momentum=request.real_is_momentum, flag="--real-is-momentum"
     )
+    # ROOT's recordings: spectra clipped at another quantile, or none of an asked shape, are refused here,
+    # before any harvest or fit (sampling/recorded.py).
+    check_recorded_clip([s for samples in found.values() for s in samples], request.clip_quantile)
+    check_recorded_shapes(request.real, request.shapes, found)
+    return found
 
 
 def _spread(samples: list[Sample], count: int) -> list[Sample]:

@@ -197,6 +197,7 @@ class SampleRecord:
     source: str
     spectrum: Tensor
     seconds: dict[str, float]
+    has_matrix: bool = True  # False for a recorded spectrum: nothing for the matrix check
 
 
 def run(request: CalibrationRequest, stages: Stages, team: Team) -> tuple[Path, list[ShapeResult]]:
@@ -308,8 +309,10 @@ def unit_records(unit, plan, request, stages, cache, checked: list[int], held) -
         started = time.perf_counter()
         spectrum = pipeline.sample_spectrum(sample, request, cache)
         seconds = {"samples": each, "spectra": time.perf_counter() - started}
-        records.append(SampleRecord(unit.key, index, sample.kind, sample.source, spectrum, seconds))
-        if index in checked:
+        records.append(
+            SampleRecord(unit.key, index, sample.kind, sample.source, spectrum, seconds, sample.has_matrix)
+        )
+        if index in checked and sample.has_matrix:
             held[(unit.key, index)] = sample
     return records
 
@@ -326,8 +329,11 @@ def fit_all(records: dict[ShapeKey, list[SampleRecord]], request: CalibrationReq
     """Rank 0's fits, from the same calibration split and spectra as a single-process run."""
     fits = {}
     for key in request.shapes:
-        calibration, _ = train_validation_split(records[key], request.validation_fraction, seed=request.seed)
-        fits[key] = pipeline.fit_shape(key, [r.spectrum for r in calibration], request, stages)
+        calibration, validation = train_validation_split(
+            records[key], request.validation_fraction, seed=request.seed
+        )
+        spectra = [r.spectrum for r in calibration]
+        fits[key] = pipeline.fit_shape(key, spectra, request, stages, [r.spectrum for r in validation])
     return fits
 
 
@@ -366,6 +372,8 @@ def _merge_checks(key: ShapeKey, order: list[int], gathered: list[dict]) -> tupl
     found = {k: v for rank_checks in gathered for k, v in rank_checks.items() if k[0] == key}
     merged: dict[str, dict[str, list[float]]] = {}
     for index in order:
+        if (key, index) not in found:
+            continue  # a recorded spectrum: no matrix to check (pipeline.matrix_checked)
         errors, _ = found[(key, index)]
         for label, by_dtype in errors.items():
             for dtype, values in by_dtype.items():

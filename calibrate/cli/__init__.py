@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from root_core.schedule import DEFAULT_NS_STEPS
 from root_core.tables import TableError, table_spec_for, user_tables_dir
 
 from .. import ranks
@@ -26,8 +27,10 @@ from ..progress import stages
 from ..sampling.mix import parse_ratio
 from ..sampling.probes import DEFAULT_PROBES, parse_probes
 from ..sampling.real import validate_real_paths
+from ..sampling.recorded import recorded_shapes
 from ..sampling.synthetic import FAMILIES
 from ..shapes import format_shape, parse_shapes, resolve_shapes
+from ..steps import DEFAULT_TARGET, Target, parse_steps, parse_target
 from .app import EXAMPLES, app, check_out_dir, err, fail, out, print_error, resolve_device
 
 PROBES_HELP = (
@@ -47,6 +50,30 @@ def parse_clip(text: str) -> float | None:
     if not 0.0 < value <= 1.0:
         raise CalibrationError(f"invalid --clip-quantile '{text}': expected a number in (0, 1] or 'none'")
     return value
+
+
+def parse_step_options(steps: str, target: str | None) -> tuple[int | None, Target | None]:
+    """--steps and --target: (fixed count, None) or (None, the auto run's target)."""
+    fixed = parse_steps(steps)
+    if fixed is not None:
+        if target is not None:
+            raise CalibrationError(f"--target '{target}' needs --steps auto (got --steps {steps})")
+        return fixed, None
+    return None, parse_target(DEFAULT_TARGET if target is None else target)
+
+
+def shapes_to_calibrate(shapes, arch, config, real: list[Path]):
+    """--shapes/--arch/--config; without any, the shapes ROOT recorded in --real (sampling/recorded.py)."""
+    if shapes is None and arch is None and config is None and real:
+        validate_real_paths(real)
+        recorded = recorded_shapes(real)
+        if recorded:
+            return recorded, None
+        raise CalibrationError(
+            f"give at least one of --shapes, --arch or --config (--real {', '.join(map(str, real))} holds no "
+            "ROOT recordings to take the shapes from)"
+        )
+    return resolve_shapes(shapes, arch, config)
 
 
 def parse_families(text: str | None) -> tuple[str, ...] | None:
@@ -100,7 +127,20 @@ def calibrate_command(
             f"it more. One of {', '.join(FAMILIES)}. Default: 3/4 low_rank_noise, 1/12 each other"
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Newton–Schulz steps")] = 5,
+    steps: Annotated[
+        str,
+        typer.Option(
+            help="Newton–Schulz steps, 1–10, or 'auto': per shape the fewest steps (2–10) whose rows reach "
+            "--target"
+        ),
+    ] = "5",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="With --steps auto: a relative error such as 0.1, or polar-express / muon (that set's "
+            f"5-step error on the same validation spectra). Default: {DEFAULT_TARGET}"
+        ),
+    ] = None,
     schedule: Annotated[str, typer.Option(help=f"One of {', '.join(SCHEDULE_FORMS)}")] = "per-step",
     max_gain: Annotated[
         float, typer.Option(help="Bound on the composed polynomial over (0, 1]")
@@ -149,6 +189,7 @@ def calibrate_command(
     out_dir = out_dir or user_tables_dir()
 
     def checked_request() -> CalibrationRequest:
+        fixed_steps, step_target = parse_step_options(steps, target)
         request = CalibrationRequest(
             shapes=[],
             out=out_dir,
@@ -165,7 +206,7 @@ def calibrate_command(
             families=parse_families(families),
             device=resolve_device(device),
             fit=FitSettings(
-                steps=steps,
+                steps=fixed_steps or DEFAULT_NS_STEPS,
                 form=schedule,
                 max_gain=max_gain,
                 backend=backend,
@@ -178,8 +219,9 @@ def calibrate_command(
             check_samples=check_samples,
             keep_fitted=keep_fitted,
             command=_command_line(),
+            target=step_target,
         )
-        request.shapes, request.layer_shapes = resolve_shapes(shapes, arch, config)
+        request.shapes, request.layer_shapes = shapes_to_calibrate(shapes, arch, config, request.real)
         check_calibration_inputs(request)
         validate_real_paths(request.real)
         check_out_dir(out_dir)
@@ -210,6 +252,8 @@ def calibrate_as(team: ranks.Team, checked_request, quiet: bool) -> int:
         for result in results:  # a fallback changes what the table holds: said even with --quiet
             if result.note:
                 err.print(f"note: {result.note}", markup=False, highlight=False, soft_wrap=True)
+            if result.steps_note:
+                err.print(f"steps: {result.steps_note}", markup=False, highlight=False, soft_wrap=True)
         # The path stays the last line, for scripts; the line before says how to use the table.
         hint = f'load it with ROOT(..., table="{table_spec_for(path)}")'
         out.print(hint, markup=False, highlight=False, soft_wrap=True)
@@ -277,6 +321,12 @@ def fallback_warnings(request: CalibrationRequest, results: list[ShapeResult]) -
         return []
     lines = []
     for result in results:
+        if result.counts["matrix_checked"] == 0:
+            lines.append(
+                f"note: {format_shape(result.key)}: its checked validation samples are recorded spectra, "
+                "so the float32/bf16 matrix check did not run (spectral errors did); record whole updates "
+                "with ROOT(record_matrices=...) to check them"
+            )
         origins = real_origins(result)
         if origins["harvest"]:
             found = f"only {origins['files']}" if origins["files"] else "no"
