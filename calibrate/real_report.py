@@ -161,9 +161,9 @@ def matrix_shapes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     """
     real.validate_real_paths(paths)
     shapes: dict[tuple[int, int], None] = {}
-    for path in real._files(paths):
+    for path in real.momentum_files(paths):
         for dims in _tensor_dims(path):
-            key = real._matrix_key(dims)
+            key = real.matrix_key(dims)
             if key is not None:
                 shapes.setdefault(key, None)
     return list(shapes)
@@ -179,7 +179,7 @@ def _tensor_dims(path: Path) -> list[Sequence[int]]:
         except Exception as error:  # the user's file, reported in one line
             raise CalibrationError(f"cannot read real momentum file {path}: {error}") from None
     everything = _Everything()
-    return [tensor.shape for _, tensor, _ in real._read_file(path, everything, True, FLAG)]
+    return [tensor.shape for _, tensor, _ in real.read_tensors(path, everything, True, FLAG)]
 
 
 class _Everything:

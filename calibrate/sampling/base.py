@@ -40,5 +40,10 @@ class Sample:
         m, n = self.matrix.shape
         return (m, n)
 
+    @property
+    def has_matrix(self) -> bool:
+        """Always; spectrum-only samples from ROOT's recordings (sampling/recorded.py) say False."""
+        return True
+
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.matrix).all())

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from root_core.recording import is_recording
 from root_core.tables import canonical_shape
 
 from ..errors import CalibrationError
 from .base import Sample
+from .recorded import samples_from_recording
 
 Shape = tuple[int, int]
 PathLike = str | Path
@@ -108,7 +110,7 @@ def _tensor_metadata(metadata: Mapping[str, str], key: str) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {"metadata": parsed}
 
 
-def _matrix_key(dims: Sequence[int]) -> Shape | None:
+def matrix_key(dims: Sequence[int]) -> Shape | None:
     """Canonical key of a tensor's matrix view: 2-D as is, conv (out, in, kh, kw) as (out, in·kh·kw)."""
     if len(dims) not in (2, 4) or 0 in dims:
         return None
@@ -150,7 +152,7 @@ def _read_safetensors(
         file_level = {k: v for k, v in metadata.items() if k not in keys}
         for key in keys:
             # The header gives every shape, so tensors of other shapes are never read.
-            if _matrix_key(handle.get_slice(key).get_shape()) not in wanted:
+            if matrix_key(handle.get_slice(key).get_shape()) not in wanted:
                 continue
             meta = _tensor_metadata(metadata, key)
             if file_level:
@@ -238,10 +240,11 @@ def _file_kind(path: Path) -> str | None:
     return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
 
 
-def _read_file(
+def read_tensors(
     path: Path, wanted: set[Shape], is_momentum: bool, flag: str | None
 ) -> list[tuple[str, Tensor, dict[str, Any]]]:
-    """(key, tensor, meta) for the candidate tensors in ``path``; a bare tensor has the key ""."""
+    """(key, tensor, meta) for the candidate tensors in ``path`` whose matrix shape is in ``wanted``
+    (safetensors; a torch file lists all); a bare tensor has the key "". Any failure is one line."""
     try:
         kind = _file_kind(path)
         if kind is None:
@@ -260,7 +263,7 @@ def _read_file(
 
 def _as_matrix(tensor: Tensor, wanted: set[Shape]) -> Tensor | None:
     """The 2-D view of a floating tensor whose matrix shape is wanted, else None."""
-    if not tensor.is_floating_point() or _matrix_key(tensor.shape) not in wanted:
+    if not tensor.is_floating_point() or matrix_key(tensor.shape) not in wanted:
         return None
     return tensor.reshape(tensor.shape[0], -1)
 
@@ -272,7 +275,7 @@ def _source(path: Path, key: str) -> str:
 def _samples_from_file(
     path: Path, wanted: set[Shape], is_momentum: bool, flag: str | None
 ) -> Iterator[tuple[Shape, Sample]]:
-    for key, tensor, extra in _read_file(path, wanted, is_momentum, flag):
+    for key, tensor, extra in read_tensors(path, wanted, is_momentum, flag):
         matrix = _as_matrix(tensor, wanted)
         if matrix is None:
             continue
@@ -286,7 +289,8 @@ def _samples_from_file(
         yield sample.shape, sample
 
 
-def _files(paths: Sequence[PathLike]) -> list[Path]:
+def momentum_files(paths: Sequence[PathLike]) -> list[Path]:
+    """The files ``--real`` reads: each file named, and the loadable files under each folder, sorted."""
     files: list[Path] = []
     for raw in paths:
         path = _as_path(raw)
@@ -312,8 +316,13 @@ def load_real_samples(
     *,
     is_momentum: bool = False,
     flag: str | None = None,
+    recorded_matrices: bool = True,
 ) -> dict[Shape, list[Sample]]:
     """Real momentum samples per canonical shape, from files and folders (searched recursively).
+
+    ROOT's recordings (root_core/recording.py) give a spectrum-only sample per recorded matrix and step
+    (:class:`~calibrate.sampling.recorded.SpectrumSample`), or, where the whole update was recorded and
+    ``recorded_matrices`` is true, a matrix sample instead; sources read ``file:<recording>:<key>@step<N>``.
 
     A file not marked as momentum (module docstring) is refused unless ``is_momentum``; ``flag`` is the
     command-line option the refusal names as the way to override it.
@@ -326,7 +335,11 @@ def load_real_samples(
     validate_real_paths(paths)
     keys = _canonical_shapes(shapes)
     found: dict[Shape, list[Sample]] = {key: [] for key in keys}
-    for path in _files(paths):
-        for key, sample in _samples_from_file(path, set(keys), is_momentum, flag):
+    for path in momentum_files(paths):
+        if is_recording(path):  # ROOT's own recording: spectra, and whole updates where recorded
+            pairs = samples_from_recording(path, set(keys), matrices=recorded_matrices)
+        else:
+            pairs = _samples_from_file(path, set(keys), is_momentum, flag)
+        for key, sample in pairs:
             found[key].append(sample)
     return found
