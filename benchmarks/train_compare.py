@@ -16,6 +16,13 @@ auto-step table, whose every shape runs its own step count (``--auto-table``, el
 ``root-calibrate --steps auto --target``), and ROOT with the exact polar factor U Vᵀ from an SVD in
 ``--svd-dtype`` in place of Newton–Schulz (soft-threshold, momentum and lr rule unchanged).
 
+Issue 12's closed loop, opt-in too: ``ROOT recorded`` first trains one run (the sweep seed, ROOT's default
+``muon`` table) recording what Newton–Schulz receives every ``--record-every`` steps, calibrates on those
+recordings alone (``root-calibrate --real DIR --ratio 1:0``) and trains with that table; ``ROOT online``
+starts from ``muon`` and refits its rows every ``--recalibrate-every`` steps on what it has recorded so far
+(``calibrate.online.OnlineRecalibrator``). Their reported runs record too, so the report gives each table's
+error on the runs' own momentum next to the loss, and the recorder's share of the training time.
+
     .venv/bin/python benchmarks/train_compare.py --record         # CPU defaults, ~25 min on 2 shared cores
     .venv/bin/python benchmarks/train_compare.py --steps 100 --seeds 2 --lrs 0.004,0.008
     .venv/bin/python benchmarks/train_compare.py --device cuda --record   # GPU defaults: a larger model
@@ -48,14 +55,22 @@ from torch.nn import functional as F
 
 from calibrate.corpus import load_corpus, split_corpus
 from calibrate.errors import CalibrationError
+from calibrate.fit import FitSettings
+from calibrate.online import OnlineRecalibrator
 from root_core import ROOT, root_param_groups
 from root_core.outliers import clip_to_quantile
+from root_core.recording import MomentumRecorder, RecordingError
+from root_core.spectral import spectral_error
 from root_core.tables import TableError, load_table
 
 DEFAULT_ARMS = ("AdamW", "Muon", "ROOT root-paper", "ROOT calibrated", "ROOT calibrated (no threshold)")
 AUTO_ARM = "ROOT auto-steps"  # the --auto-table: each shape runs its own step count (issue 14)
 SVD_ARM = "ROOT exact polar (SVD)"  # U Vᵀ from an SVD in place of Newton–Schulz: precision's ceiling
-ARMS = (*DEFAULT_ARMS, AUTO_ARM, SVD_ARM)
+RECORDED_ARM = "ROOT recorded"  # a table calibrated on the momentum a first run recorded (issue 12)
+ONLINE_ARM = "ROOT online"  # recalibrated every K steps on the momentum it records itself (issue 12)
+ARMS = (*DEFAULT_ARMS, AUTO_ARM, SVD_ARM, RECORDED_ARM, ONLINE_ARM)
+# What the recording run and the online arm start from: ROOT's default table, as a user's first run would.
+START_TABLE = "muon"
 # The calibrated table's default error target for the auto-step arm: Polar Express's 5-step error on the
 # same validation spectra, so the arm shows what fewer steps at Polar Express's precision cost in loss.
 DEFAULT_AUTO_TARGET = "polar-express"
@@ -215,8 +230,13 @@ def validation_loss(model: nn.Module, data: Data, batch: int, device: torch.devi
 class Optimizers:
     """One or two torch optimizers (Muon + AdamW) stepped, zeroed and scheduled together."""
 
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+    def __init__(self, *optimizers: torch.optim.Optimizer, resources: tuple = ()) -> None:
         self.optimizers = optimizers
+        self.resources = resources  # closed with the run: the online arm's recalibrator (a worker process)
+
+    def close(self) -> None:
+        for resource in self.resources:
+            resource.close()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -233,14 +253,23 @@ class Optimizers:
                 group["lr"] = group["peak_lr"] * factor
 
 
-def make_optimizer(arm: str, model: nn.Module, lr: float, ctx: Context) -> Optimizers:
-    """Every arm: one lr for all parameters (Muon/ROOT matrices via Moonlight's match_rms_adamw)."""
+def make_optimizer(
+    arm: str, model: nn.Module, lr: float, ctx: Context, record_dir: Path | None = None
+) -> Optimizers:
+    """Every arm: one lr for all parameters (Muon/ROOT matrices via Moonlight's match_rms_adamw).
+
+    ``record_dir``: a ROOT arm records what NS receives there, every ``ctx.record_every`` steps; the online
+    arm always records (into a temporary folder if none is given), since it refits on its recordings.
+    """
     if arm == "AdamW":
         return Optimizers(
             torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=WEIGHT_DECAY)
         )
     # One lr, and weight decay on every AdamW parameter (vectors too), as the AdamW arm has.
     groups = root_param_groups(model, adamw_lr=None, decay_vectors=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in groups:  # named, so recordings say which matrix each spectrum came from
+        group["param_names"] = [names[id(p)] for p in group["params"]]
     if arm == "Muon":
         muon = torch.optim.Muon(
             groups[0]["params"], lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"
@@ -253,9 +282,24 @@ def make_optimizer(arm: str, model: nn.Module, lr: float, ctx: Context) -> Optim
         "ROOT calibrated (no threshold)": (ctx.tables.get("calibrated"), None, "error"),
         AUTO_ARM: (ctx.tables.get("auto"), 0.9, "error"),  # ns_steps=None: each entry's own step count
         SVD_ARM: ("muon", 0.9, "default"),  # the table is never used: no Newton–Schulz runs
+        RECORDED_ARM: (ctx.tables.get("recorded"), 0.9, "error"),
+        ONLINE_ARM: (START_TABLE, 0.9, "default"),
+        RECORDING_RUN: (START_TABLE, 0.9, "default"),
     }
     chosen, quantile, missing = settings[arm]
     kind, extra = (ExactPolarROOT, {"svd_dtype": ctx.svd_dtype}) if arm == SVD_ARM else (ROOT, {})
+    if arm == ONLINE_ARM:
+        record_dir = record_dir or Path(tempfile.mkdtemp(prefix="online_", dir=ctx.scratch))
+        extra = {
+            "recalibrate": OnlineRecalibrator(
+                out=record_dir / "tables",
+                fit=FitSettings(iterations=ctx.online_iterations),
+                processes=ctx.online_processes,
+            ),
+            "recalibrate_every": ctx.recalibrate_every,
+        }
+    if record_dir is not None:
+        extra["recorder"] = TimedRecorder(record_dir, every=ctx.record_every)
     with warnings.catch_warnings():  # root-paper lists no shape this small: Muon's triple, said in the report
         warnings.simplefilter("ignore")
         root = kind(
@@ -270,7 +314,27 @@ def make_optimizer(arm: str, model: nn.Module, lr: float, ctx: Context) -> Optim
             adamw_betas=ADAMW_BETAS,
             **extra,
         )
-    return Optimizers(root)
+    return Optimizers(root, resources=(extra["recalibrate"],) if "recalibrate" in extra else ())
+
+
+class TimedRecorder(MomentumRecorder):
+    """A MomentumRecorder that adds up the time it takes (the spectra and the file writes): the
+    recording overhead, measured where it is spent rather than as a difference of two noisy runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seconds = 0.0
+
+    def observe(self, *args, **kwargs) -> None:
+        started = time.perf_counter()
+        super().observe(*args, **kwargs)
+        self.seconds += time.perf_counter() - started
+
+    def end_step(self):
+        started = time.perf_counter()
+        path = super().end_step()
+        self.seconds += time.perf_counter() - started
+        return path
 
 
 class ExactPolarROOT(ROOT):
@@ -348,6 +412,7 @@ def inject_noise(model: nn.Module, noise: Noise, seed: int, step: int) -> None:
 class Run:
     curve: dict[int, float]  # eval step → validation loss (nan once diverged)
     seconds_per_step: float
+    probe: Probe | None = None  # what a recording run recorded, and an online run's recalibrations
 
     @property
     def final(self) -> float:
@@ -362,10 +427,56 @@ def eval_steps(steps: int, evals: int) -> list[int]:
     return sorted(points | {max(1, round(steps * f)) for f in REPORT_FRACTIONS})
 
 
-def train(arm: str, lr: float, seed: int, noise: Noise | None, ctx: Context, steps: int, evals: int) -> Run:
+@dataclass
+class Probe:
+    """What a ROOT run recorded, how long recording took, and the table it ended with (online: refitted)."""
+
+    spectra: list  # RecordedSpectrum, in recording order
+    record_seconds: float  # inside the recorder: spectra and file writes
+    run_seconds: float  # the whole training loop, validation included
+    table: object  # the CoefficientTable in use at the end
+    recalibrations: list[dict]
+
+
+def train(
+    arm: str,
+    lr: float,
+    seed: int,
+    noise: Noise | None,
+    ctx: Context,
+    steps: int,
+    evals: int,
+    record_dir: Path | None = None,
+) -> Run:
     torch.manual_seed(seed)  # same initialisation for every arm at this seed
     model = ByteLM(ctx.model_cfg).to(ctx.device)
-    optimizer = make_optimizer(arm, model, lr, ctx)
+    optimizer = make_optimizer(arm, model, lr, ctx, record_dir)
+    try:
+        run = train_loop(model, optimizer, seed, noise, ctx, steps, evals)
+    finally:
+        optimizer.close()
+    root = optimizer.optimizers[0]
+    recorder = getattr(root, "recorder", None)
+    if recorder is not None:
+        run.probe = Probe(
+            recorder.spectra(),
+            recorder.seconds,
+            run.seconds_per_step * steps,
+            root.table,
+            root.recalibrations,
+        )
+    return run
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: Optimizers,
+    seed: int,
+    noise: Noise | None,
+    ctx: Context,
+    steps: int,
+    evals: int,
+) -> Run:
     offsets = batch_offsets(ctx.data, seed, steps, ctx.batch, ctx.model_cfg.seq_len)
     points, curve = eval_steps(steps, evals), {}
     started, diverged = time.perf_counter(), False
@@ -396,6 +507,12 @@ class Context:
     ns_dtype: torch.dtype
     tables: dict[str, object]  # "calibrated", "auto": the tables the arms that need them run on
     svd_dtype: torch.dtype = torch.float64
+    shapes: tuple[tuple[int, int], ...] = ()  # the model's canonical matrix shapes
+    scratch: Path | None = None  # recordings and online tables, deleted at the end
+    record_every: int = 10
+    recalibrate_every: int = 40
+    online_iterations: int = 50
+    online_processes: int = 1
 
 
 def sweep(arm: str, noise: Noise | None, ctx: Context, args) -> tuple[float, dict[float, float]]:
@@ -411,13 +528,160 @@ def sweep(arm: str, noise: Noise | None, ctx: Context, args) -> tuple[float, dic
 
 
 def compare(noise: Noise | None, ctx: Context, args) -> dict[str, dict]:
-    results = {}
+    results, loop = {}, {}
     for arm in args.arms:
+        if arm == RECORDED_ARM:  # first the recording run and its calibration, for this variant's momentum
+            ctx.tables["recorded"], loop = recorded_table(noise, ctx, args)
         best, losses = sweep(arm, noise, ctx, args)
-        runs = [train(arm, best, seed, noise, ctx, args.steps, args.evals) for seed in args.seed_list]
+        runs = [
+            train(
+                arm, best, seed, noise, ctx, args.steps, args.evals, record_dir=reported_record_dir(arm, ctx)
+            )
+            for seed in args.seed_list
+        ]
         log(f"{arm:<30} lr {best:g}: final val " + ", ".join(f"{r.final:.4f}" for r in runs))
-        results[arm] = {"lr": best, "sweep": losses, "runs": runs}
+        results[arm] = {"lr": best, "sweep": losses, "runs": runs, **(loop if arm == RECORDED_ARM else {})}
     return results
+
+
+def reported_record_dir(arm: str, ctx: Context) -> Path | None:
+    """The closed-loop arms record their reported runs, so their tables are scored on that momentum."""
+    if arm not in (RECORDED_ARM, ONLINE_ARM):
+        return None
+    return Path(tempfile.mkdtemp(prefix="reported_", dir=ctx.scratch))
+
+
+RECORDING_RUN = "ROOT muon, recording"  # the recorded arm's first run (not an arm of its own)
+
+
+def recorded_table(noise: Noise | None, ctx: Context, args) -> tuple[object, dict]:
+    """Train one run recording NS inputs (sweep seed, ``START_TABLE``, ``--record-lr``), then calibrate on
+    the recordings alone with root-calibrate; the table, and what the report says about the loop."""
+    directory = Path(tempfile.mkdtemp(prefix="first_run_", dir=ctx.scratch))
+    log(f"recording run: {START_TABLE}, lr {args.record_lr:g}, seed {SWEEP_SEED}, every {ctx.record_every}")
+    first = train(RECORDING_RUN, args.record_lr, SWEEP_SEED, noise, ctx, args.steps, 0, record_dir=directory)
+    extra = ("--real", str(directory), "--ratio", "1:0")
+    table, how, seconds = calibrated_table(ctx.shapes, args, None, "", extra)
+    return table, {"first_run": first, "calibration": (how, seconds), "table": table}
+
+
+# ---------------------------------------------------------------- the closed loop's report (issue 12)
+
+
+def recorded_errors(spectra: list, table) -> dict[tuple[int, int], tuple[int, float]]:
+    """Per canonical shape: how many recorded spectra, and ``table``'s mean relative NS error on them
+    (each spectrum normalised by its Frobenius norm, as NS normalises its input; root_core.spectral)."""
+    by_shape: dict[tuple[int, int], list[Tensor]] = {}
+    for record in spectra:
+        sigma = record.singular_values
+        if float(sigma.norm()) > 0:
+            by_shape.setdefault(canonical(record.shape), []).append(sigma / sigma.norm())
+    return {
+        shape: (len(rows), float(spectral_error(torch.stack(rows), table.schedule_for(shape)).mean()))
+        for shape, rows in sorted(by_shape.items())
+    }
+
+
+def canonical(shape) -> tuple[int, int]:
+    return (min(shape), max(shape))
+
+
+def loop_report(variants: dict[str, dict], ctx: Context, args) -> list[str]:
+    """Each table's error on the momentum the closed-loop runs recorded, next to their loss; the
+    recording overhead; the online arm's refits."""
+    with warnings.catch_warnings():  # muon and polar-express list no shapes: no warning is news here
+        warnings.simplefilter("ignore")
+        fixed = {
+            f"{START_TABLE} (start)": load_table(START_TABLE),
+            "polar-express": load_table("polar-express"),
+        }
+    fixed.update({name: ctx.tables[name] for name in ("calibrated", "auto") if name in ctx.tables})
+    labels = [*fixed, "recorded", "online (end)"]
+    lines = [
+        f"Closed loop (issue 12): NS inputs recorded every {ctx.record_every} steps. Mean relative NS "
+        "error (float64, from the recorded spectra) of each table on the momentum each run recorded; "
+        "'online (end)' is each online run's own last table on its own momentum.",
+        "",
+        "| variant | momentum recorded in | final val loss | shape | spectra | " + " | ".join(labels) + " |",
+        "|---|---|---|---|---|" + "---|" * len(labels),
+    ]
+    probes = []
+    for variant, results in variants.items():
+        loop = results.get(RECORDED_ARM, {})
+        sources = []
+        if "first_run" in loop:
+            sources.append((f"first run (seed {SWEEP_SEED}, {START_TABLE})", [loop["first_run"]]))
+        for arm in (RECORDED_ARM, ONLINE_ARM):
+            if arm in results:
+                sources.append((f"{arm}, seeds {args.seed_list}", results[arm]["runs"]))
+        for source, runs in sources:
+            probes += [run.probe for run in runs]
+            lines += source_rows(variant, source, runs, fixed, loop.get("table"), labels)
+    lines += ["", *overhead_lines(probes, ctx), *online_lines(variants), *calibration_lines(variants)]
+    return lines
+
+
+def source_rows(variant, source, runs, fixed, recorded, labels) -> list[str]:
+    spectra = [record for run in runs for record in run.probe.spectra]
+    errors = {label: recorded_errors(spectra, table) for label, table in fixed.items()}
+    if recorded is not None:
+        errors["recorded"] = recorded_errors(spectra, recorded)
+    online = [recorded_errors(run.probe.spectra, run.probe.table) for run in runs if run.probe.recalibrations]
+    loss = mean_std([run.final for run in runs])
+    rows = []
+    for shape in sorted(errors[labels[0]]):
+        cells = [f"{errors[label][shape][1]:.4f}" if label in errors else "—" for label in labels[:-1]]
+        cells.append(f"{statistics.mean(e[shape][1] for e in online):.4f}" if online else "—")
+        count = errors[labels[0]][shape][0]
+        rows.append(
+            f"| {variant} | {source} | {loss} | {shape[0]}×{shape[1]} | {count} | " + " | ".join(cells) + " |"
+        )
+    return rows
+
+
+def overhead_lines(probes: list[Probe], ctx: Context) -> list[str]:
+    shares = [p.record_seconds / p.run_seconds for p in probes if p.run_seconds > 0]
+    if not shares:
+        return []
+    share = statistics.median(shares)
+    return [
+        f"Recording overhead: the recorder (float64 spectra of every ROOT matrix, safetensors writes) took a "
+        f"median {share:.2%} of the training loop's wall time over {len(shares)} recording runs (range "
+        f"{min(shares):.2%}–{max(shares):.2%}), recording every {ctx.record_every} steps; its cost is per "
+        f"recorded step, so every 100 steps would be ≈ {share * ctx.record_every / 100:.3%}.",
+    ]
+
+
+def online_lines(variants: dict[str, dict]) -> list[str]:
+    lines = []
+    for variant, results in variants.items():
+        if ONLINE_ARM not in results:
+            continue
+        for seed, run in enumerate(results[ONLINE_ARM]["runs"], start=1):
+            refits = run.probe.recalibrations
+            applied = ", ".join(str(entry["applied"]) for entry in refits) or "none"
+            swaps = ", ".join(str(entry["applied"]) for entry in refits if entry["swapped"]) or "none"
+            table = run.probe.table
+            lines.append(
+                f"{ONLINE_ARM}, {variant}, seed {seed}: {len(refits)} refits applied (after steps "
+                f"{applied}); rows swapped after steps {swaps}; ended on {table.name}@{table.version}."
+            )
+    return lines
+
+
+def calibration_lines(variants: dict[str, dict]) -> list[str]:
+    lines = []
+    for variant, results in variants.items():
+        loop = results.get(RECORDED_ARM, {})
+        if "calibration" in loop:
+            how, seconds = loop["calibration"]
+            first = loop["first_run"]
+            lines.append(
+                f"{RECORDED_ARM}, {variant}: first run final val loss {first.final:.4f}, "
+                f"{len(first.probe.spectra)} spectra recorded; table: {how}, {seconds:.0f} s; per shape "
+                f"{table_note(loop['table'], sorted({canonical(r.shape) for r in first.probe.spectra}))}."
+            )
+    return lines
 
 
 def log(message: str) -> None:
@@ -484,6 +748,20 @@ def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], 
         lines.append(
             f"{SVD_ARM}: ROOT (soft-threshold q=0.9, same momentum and lr rule) with the clipped update's "
             f"exact polar factor U Vᵀ from torch.linalg.svd in {args.svd_dtype} in place of Newton–Schulz."
+        )
+    if RECORDED_ARM in args.arms:
+        lines.append(
+            f"{RECORDED_ARM}: a first run (seed {SWEEP_SEED}, ROOT with `{START_TABLE}`, q=0.9, lr "
+            f"{args.record_lr:g}, {args.steps} steps) records NS inputs every {args.record_every} steps; "
+            "root-calibrate fits a table on those recordings alone (`--real DIR --ratio 1:0`, the calibrated "
+            "arm's samples and iterations), and the arm trains with it."
+        )
+    if ONLINE_ARM in args.arms:
+        lines.append(
+            f"{ONLINE_ARM}: ROOT from `{START_TABLE}` (q=0.9) recording every {args.record_every} steps and "
+            f"refitting its rows every {args.recalibrate_every} steps on what it recorded "
+            f"(calibrate.online.OnlineRecalibrator, {args.online_iterations} iterations, applied "
+            f"{args.recalibrate_every} steps after launch, only where better on held-out recorded spectra)."
         )
     return tables, lines
 
@@ -715,6 +993,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     calib.add_argument(
         "--svd-dtype", default="float64", choices=("float64", "float32"), help=f"{SVD_ARM}'s SVD"
     )
+    loop = parser.add_argument_group(f"closed loop ({RECORDED_ARM}, {ONLINE_ARM})")
+    loop.add_argument(
+        "--record-every", type=int, help="record NS inputs every N steps (default: --steps / 20)"
+    )
+    loop.add_argument("--record-lr", type=float, help="the recording run's lr (default: the grid's middle)")
+    loop.add_argument(
+        "--recalibrate-every", type=int, help=f"{ONLINE_ARM}: refit every K steps (--steps / 5)"
+    )
+    loop.add_argument("--online-iterations", type=int, default=50, help=f"{ONLINE_ARM}: search generations")
+    loop.add_argument(
+        "--online-processes",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1: fit in a worker process; 0: inline",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--plot", type=Path, default=Path(__file__).with_name("train_compare.png"))
     out.add_argument("--record", action="store_true", help="append the report to RESULTS.md")
@@ -734,6 +1028,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             setattr(args, key, value)
     args.d_ff = args.d_ff or 3 * args.d_model
     args.sweep_steps = args.sweep_steps or max(1, args.steps // 2)
+    args.record_every = args.record_every or max(1, args.steps // 20)
+    args.recalibrate_every = args.recalibrate_every or max(1, args.steps // 5)
     for key in (
         "d_model",
         "layers",
@@ -749,6 +1045,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "corpus_bytes",
         "calib_samples",
         "calib_iterations",
+        "record_every",
+        "recalibrate_every",
+        "online_iterations",
     ):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -760,6 +1059,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--lrs {args.lrs!r}: expected comma-separated numbers, e.g. {DEFAULT_LRS}")
     if not all(0 < lr < 1 for lr in args.lrs):
         parser.error(f"--lrs {args.lrs}: every lr must be in (0, 1)")
+    args.record_lr = args.record_lr or args.lrs[len(args.lrs) // 2]
+    if not 0 < args.record_lr < 1:
+        parser.error(f"--record-lr {args.record_lr}: must be in (0, 1)")
     args.arms = [a.strip() for a in args.arms.split(",")] if isinstance(args.arms, str) else args.arms
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
@@ -782,17 +1084,35 @@ def main(argv: list[str] | None = None) -> None:
         data = load_data(args)
         tables, table_lines = arm_tables(matrix_shapes(model), args)
         ns_dtype = getattr(torch, args.ns_dtype)
-        ctx = Context(cfg, data, args.batch, device, ns_dtype, tables, getattr(torch, args.svd_dtype))
+        scratch = tempfile.TemporaryDirectory(prefix="train_compare_loop_")
+        ctx = Context(
+            cfg,
+            data,
+            args.batch,
+            device,
+            ns_dtype,
+            tables,
+            getattr(torch, args.svd_dtype),
+            tuple(matrix_shapes(model)),
+            Path(scratch.name),
+            args.record_every,
+            args.recalibrate_every,
+            args.online_iterations,
+            args.online_processes,
+        )
         noise = Noise(args.noise_prob, args.noise_scale, args.noise_alpha)
-        variants = {"clean": compare(None, ctx, args)}
-        if args.noisy:
-            variants["noisy"] = compare(noise, ctx, args)
-    except (CalibrationError, TableError) as error:
+        with scratch:
+            variants = {"clean": compare(None, ctx, args)}
+            if args.noisy:
+                variants["noisy"] = compare(noise, ctx, args)
+    except (CalibrationError, TableError, RecordingError) as error:
         sys.exit(f"error: {error}")
     plot(variants, args.plot)
     lines = header(args, ctx, model, table_lines, noise)
     lines += ["", *results_table(variants, args), "", "Sweep (seed 0, final validation loss):", ""]
     lines += [*sweep_table(variants, args), ""]
+    if RECORDED_ARM in args.arms or ONLINE_ARM in args.arms:
+        lines += [*loop_report(variants, ctx, args), ""]
     lines.append(f"Plot: `{args.plot.name}`. Total wall time {time.perf_counter() - started:.0f} s.")
     publish("\n".join(lines) + "\n", args.record)
 
