@@ -140,7 +140,7 @@ class Analysis:
 
     def checked(self, shape: ShapeKey) -> int:
         """How many of the shape's samples the bf16 matrix iteration measured."""
-        return min(self.check_samples, len(self.samples_for(shape).samples))
+        return len(bf16_checked(self.samples_for(shape).samples, self.check_samples))
 
     def caption(self, shape: ShapeKey) -> str:
         return self.samples_for(shape).caption(self.checked(shape))
@@ -271,10 +271,21 @@ def _spread(total: int, count: int) -> list[int]:
 def shape_samples(
     shape: ShapeKey, samples: list[Sample], *, source: str, clip_quantile: float | None, device="cpu"
 ) -> ShapeSamples:
-    spectra = torch.stack(
-        [normalized_spectrum(s.matrix, clip_quantile=clip_quantile, device=device) for s in samples]
-    )
+    spectra = torch.stack([_spectrum(s, clip_quantile, device) for s in samples])
     return ShapeSamples(shape, samples, spectra, source, clip_quantile)
+
+
+def _spectrum(sample: Sample, clip_quantile: float | None, device: str) -> Tensor:
+    """A sample's normalised spectrum; a recorded one (sampling/recorded.py) as ROOT clipped it."""
+    if not sample.has_matrix:
+        return sample.spectrum
+    return normalized_spectrum(sample.matrix, clip_quantile=clip_quantile, device=device)
+
+
+def bf16_checked(samples: Sequence[Sample], check_samples: int) -> list[int]:
+    """Indices of the samples the bf16 iteration runs on: ``check_samples`` spread evenly over them, less
+    recorded spectra, which have no matrix to iterate (their spectral errors are still drawn)."""
+    return [i for i in _spread(len(samples), check_samples) if samples[i].has_matrix]
 
 
 # ---- the numbers ------------------------------------------------------------------------------------
@@ -314,7 +325,7 @@ def analyse(
     frames = []
     for item in measured:
         covering = [e for e in entrants if e.covers(item.shape)]
-        checked = min(check_samples, len(item.samples))
+        checked = len(bf16_checked(item.samples, check_samples))
         with _stage(stage, f"{format_shape(item.shape)} bf16 iteration vs SVD", checked) as advance:
             frames.append(measure(covering, item, check_samples, device=device, advance=advance))
     return Analysis(entrants, measured, pd.concat(frames, ignore_index=True), check_samples)
@@ -349,7 +360,7 @@ def measure(
 ) -> pd.DataFrame:
     """Long frame: spectral float64 error of every sample and bf16 matrix error of ``check_samples``
     of them (evenly spread), for each entrant at 1…MAX_STEPS steps."""
-    checked = _spread(len(item.samples), check_samples)
+    checked = bf16_checked(item.samples, check_samples)
     bf16 = {label: np.full((len(item.samples), MAX_STEPS), np.nan) for label in _labels(entrants)}
     for index in checked:
         B = _clipped(item.samples[index].matrix, item.clip_quantile, device)

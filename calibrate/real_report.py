@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from root_core.recording import is_recording
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, TableError, load_table
 
@@ -25,8 +26,9 @@ from .errors import CalibrationError
 from .evaluate import matrix_errors
 from .objective import sample_errors, stack_spectra, tail_statistics
 from .sampling import real
+from .sampling.recorded import read_spectra
 from .shapes import format_shape
-from .spectra import normalized_spectrum
+from .spectra import clipped, normalized_spectrum
 
 # The baselines every table is scored against (bundled tables, docs/design.md §2).
 REAL_BASELINES = ("muon", "polar-express")
@@ -40,16 +42,26 @@ MATRIX_CHECK_MAX_ELEMENTS = 1024 * 4096
 MATRIX_CHECK_SAMPLES = 4
 FLAG = "--real-is-momentum"
 REAL_TITLE = (
-    "Relative error vs the exact polar factor (SVD) on your momentum, clipped at each table's quantile; "
+    "Relative error vs the exact polar factor (SVD) on your momentum, clipped at each table's quantile "
+    "(ROOT recordings: as ROOT clipped them); "
     "spectral = float64 from the spectrum, float32 = measured matrix iteration (shapes up to 1024x4096); "
     "tail = share of σ below 1e-3·σ_max and lowest σ/σ_max, deepest matrix"
 )
+
+
+# The per-step table of recorded (or harvested) momentum: the error over training, each set at its own steps.
+STEPS_TITLE = (
+    "Error over training: spectral mean per recorded training step (ROOT recordings, harvest files), "
+    "each set at its own step count"
+)
+STEP_COLUMNS = ["shape", "step", "table", "samples", "spectral_mean", "ratio_vs_polar-express"]
 
 
 @dataclass
 class RealReport:
     frame: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
+    steps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=STEP_COLUMNS))
 
 
 def real_report(
@@ -71,22 +83,65 @@ def real_report(
         if key not in covered
     ]
     samples = real.load_real_samples(paths, covered, is_momentum=is_momentum, flag=FLAG) if covered else {}
-    rows = []
+    rows, step_rows = [], []
     for key in covered:
-        matrices = [s.matrix for s in samples.get(key, [])]
-        if not matrices:
+        shape_samples = samples.get(key, [])
+        if not shape_samples:
             continue
-        spectra = stack_spectra([normalized_spectrum(m, clip_quantile=clip, device=device) for m in matrices])
+        spectra = stack_spectra([_spectrum(s, clip, device) for s in shape_samples])
         schedules = {label: table.schedule_for(key), **_baselines(key)}
-        checked = _float32_check(key, matrices, schedules, clip, device)
+        matrices = [clipped(s.matrix, _clip_of(s, clip), device) for s in shape_samples if s.has_matrix]
+        checked = _float32_check(key, matrices, schedules, device)
         tails = tail_statistics(spectra)
         rows += _rows(key, spectra, schedules, checked, tails)
+        step_rows += _step_rows(key, shape_samples, spectra, schedules)
         warning = deep_tail_warning(key, tails, table, label)
         if warning:
             warnings.append(warning)
     if not found:
         raise CalibrationError(f"no 2-D or conv tensors in --real {', '.join(map(str, paths))}")
-    return RealReport(frame=pd.DataFrame(rows, columns=COLUMNS), warnings=warnings)
+    return RealReport(
+        frame=pd.DataFrame(rows, columns=COLUMNS),
+        warnings=warnings,
+        steps=pd.DataFrame(step_rows, columns=STEP_COLUMNS),
+    )
+
+
+def _clip_of(sample, clip: float | None) -> float | None:
+    """The clip of a sample: a recorded one's from its recording (what NS saw), else the table's."""
+    return sample.meta["clip_quantile"] if "recorded_table" in sample.meta else clip
+
+
+def _spectrum(sample, clip: float | None, device: str):
+    """The normalised spectrum: recorded (sampling/recorded.py), or of the matrix clipped as above."""
+    if not sample.has_matrix:
+        return sample.spectrum
+    return normalized_spectrum(sample.matrix, clip_quantile=_clip_of(sample, clip), device=device)
+
+
+def _step_rows(key, samples, spectra, schedules: Mapping[str, Schedule]) -> list[dict]:
+    """Mean spectral error per training step, for the samples that carry one (recordings, harvests)."""
+    steps = [sample.meta.get("step") for sample in samples]
+    if all(step is None for step in steps):
+        return []
+    errors = {label: sample_errors(spectra, s) for label, s in schedules.items()}
+    rows = []
+    for step in sorted({s for s in steps if s is not None}):
+        chosen = torch.tensor([s == step for s in steps])
+        reference = float(errors["polar-express"][chosen].mean())
+        for label, values in errors.items():
+            mean = float(values[chosen].mean())
+            rows.append(
+                {
+                    "shape": format_shape(key),
+                    "step": int(step),
+                    "table": label,
+                    "samples": int(chosen.sum()),
+                    "spectral_mean": mean,
+                    "ratio_vs_polar-express": mean / reference if reference > 0 else math.nan,
+                }
+            )
+    return rows
 
 
 COLUMNS = [
@@ -162,11 +217,16 @@ def matrix_shapes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     real.validate_real_paths(paths)
     shapes: dict[tuple[int, int], None] = {}
     for path in real.momentum_files(paths):
-        for dims in _tensor_dims(path):
+        for dims in _recorded_dims(path) if is_recording(path) else _tensor_dims(path):
             key = real.matrix_key(dims)
             if key is not None:
                 shapes.setdefault(key, None)
     return list(shapes)
+
+
+def _recorded_dims(path: Path) -> list[Sequence[int]]:
+    """The matrix shapes a ROOT recording holds (spectra and whole updates alike)."""
+    return [spectrum.shape for spectrum in read_spectra([path])]
 
 
 def _tensor_dims(path: Path) -> list[Sequence[int]]:
@@ -193,13 +253,14 @@ def _baselines(key) -> dict[str, Schedule]:
     return {name: load_table(name).schedule_for(key) for name in REAL_BASELINES}
 
 
-def _float32_check(key, matrices, schedules, clip, device) -> dict[str, dict[str, list[float]]]:
-    if key[0] * key[1] > MATRIX_CHECK_MAX_ELEMENTS:
+def _float32_check(key, matrices, schedules, device) -> dict[str, dict[str, list[float]]]:
+    """The float32 iteration on the first few (already clipped) matrices, where the shape is affordable."""
+    if key[0] * key[1] > MATRIX_CHECK_MAX_ELEMENTS or not matrices:
         return {}
     return matrix_errors(
         matrices[:MATRIX_CHECK_SAMPLES],
         schedules,
-        clip_quantile=clip,
+        clip_quantile=None,
         device=device,
         dtypes={label: ("float32",) for label in schedules},
     )
@@ -231,5 +292,17 @@ def real_report_text(
 
     reports = [real_report(spec, paths, is_momentum=is_momentum, device=device) for spec in tables]
     frame = pd.concat([r.frame for r in reports], ignore_index=True)
-    text = format_report(frame, fmt).replace(REPORT_TITLE, REAL_TITLE, 1)
-    return text, [w for r in reports for w in r.warnings]
+    steps = pd.concat(
+        [r.steps for r in reports if not r.steps.empty] or [reports[0].steps], ignore_index=True
+    )
+    warnings = [w for r in reports for w in r.warnings]
+    if steps.empty:
+        return format_report(frame, fmt).replace(REPORT_TITLE, REAL_TITLE, 1), warnings
+    if fmt in ("csv", "json"):  # one document: the per-step rows after the overall ones (step "all")
+        combined = pd.concat([frame.assign(step="all"), steps], ignore_index=True)
+        return format_report(combined[["shape", "step", *COLUMNS[1:]]], fmt), warnings
+    overall = format_report(frame, fmt).replace(REPORT_TITLE, REAL_TITLE, 1)
+    by_step = format_report(steps, fmt).replace(REPORT_TITLE, STEPS_TITLE, 1)
+    if fmt == "markdown":
+        overall, by_step = f"{REAL_TITLE}\n\n{overall}", f"{STEPS_TITLE}\n\n{by_step}"
+    return f"{overall}\n\n{by_step}", warnings

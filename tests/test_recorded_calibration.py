@@ -6,15 +6,19 @@ phases, and bad input (other shapes, a corrupted file, another clip quantile) as
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
 from calibrate.cli import app, with_default_command
+from calibrate.objective import sample_errors
+from calibrate.real_report import REAL_TITLE, STEPS_TITLE
 from calibrate.sampling.real import load_real_samples
 from calibrate.sampling.recorded import SpectrumSample, normalized
 from calibrate.spectra import normalized_spectrum
@@ -166,3 +170,38 @@ def test_no_shapes_and_no_recordings_is_one_line(tmp_path):
     result = invoke("--real", str(folder), "--name", "mine", *CALIBRATE_FAST)
     assert result.exit_code == 1
     assert result.output.startswith("error: give at least one of --shapes, --arch or --config (--real ")
+
+
+def test_report_real_shows_each_set_per_shape_and_per_recorded_step(recordings):
+    result = invoke("report", "muon", "--real", str(recordings), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(io.StringIO(result.stdout))
+    overall = frame[frame["step"] == "all"]
+    assert set(overall["shape"]) == {"16x32", "32x32"}
+    assert {"muon@1", "polar-express"} <= set(overall["table"])
+    by_step = frame[frame["step"] != "all"].astype({"step": int})
+    assert sorted(set(by_step["step"])) == list(range(1, STEPS, RECORD_EVERY))
+    # Step 1's 16x32 row: Polar Express's mean error on the two spectra recorded then, computed here.
+    spectra = [normalized(s.singular_values) for s in read_recordings(recordings) if s.step == 1]
+    spectra = [s for s in spectra if s.numel() == 16]
+    expected = float(
+        sample_errors(torch.stack(spectra), load_table("polar-express").schedule_for((16, 32))).mean()
+    )
+    row = by_step[
+        (by_step["step"] == 1) & (by_step["shape"] == "16x32") & (by_step["table"] == "polar-express")
+    ]
+    assert row["samples"].item() == 2
+    assert row["spectral_mean"].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_report_real_table_format_has_the_per_step_section(recordings):
+    result = invoke("report", "muon", "--real", str(recordings))
+    assert result.exit_code == 0, result.output
+    assert STEPS_TITLE in result.stdout and REAL_TITLE in result.stdout
+
+
+def test_plot_real_draws_the_error_over_training_steps(tmp_path, recordings):
+    result = invoke("plot", "muon", "--shapes", "16x32", "--real", str(recordings), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any("training" in name for name in written), written

@@ -16,6 +16,7 @@ from ..precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analys
 from ..progress import stages
 from ..report import (
     REPORT_FORMATS,
+    format_frontier,
     format_sampled_report,
     left_aligned,
     list_tables,
@@ -44,6 +45,7 @@ LIST_EXAMPLES = "\nExample:\n\n  ROOT_COEFF_TABLES=my_tables root-calibrate list
 FIGURE_FORMATS = ("png", "svg", "pdf")
 DEFAULT_FIGURES_DIR = Path("figures")
 DEFAULT_AGAINST = ",".join(DEFAULT_BASELINES)
+ALL_SAMPLES = 2**31 - 1  # plot --real: a --count no file reaches, so every sample is drawn
 
 TablesArg = Annotated[list[str], typer.Argument(help="Tables: a name (muon), name@N, or a .json path")]
 Against = Annotated[
@@ -101,6 +103,13 @@ def plot_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the figures")] = DEFAULT_FIGURES_DIR,
     fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FIGURE_FORMATS)}")] = "png",
     quiet: Quiet = False,
+    real: Annotated[
+        Path | None,
+        typer.Option(
+            help="ROOT's recordings (ROOT(record_dir=...)) or momentum files to draw instead of --samples: "
+            "every sample in them, and the error over the recorded training steps"
+        ),
+    ] = None,
 ) -> None:
     """Per shape: error vs iterations, transfer curve P(σ), error over training (harvest samples)."""
     from ..plots import write_figures  # matplotlib loads only for this command
@@ -109,6 +118,8 @@ def plot_command(
         if fmt not in FIGURE_FORMATS:
             raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(FIGURE_FORMATS)}")
         check_out_dir(out_dir)
+        if real is not None:  # every recorded sample: the per-step panel needs all of a step's matrices
+            samples, count = str(real), ALL_SAMPLES
         analysis = _analyse(
             tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
         )
@@ -161,9 +172,19 @@ def report_command(
             tables, against, shapes, samples, count, check_samples, seed, harvest_steps, device, quiet
         )
         text = format_sampled_report(report_frame(analysis), fmt, sample_descriptions(analysis))
+        if fmt in ("table", "markdown"):  # csv and json stay one table each; the plot draws this part
+            text += "\n\n" + frontier_section(analysis, fmt)
     except CalibrationError as error:
         fail(str(error))
     print(text)  # plain print: rich would re-wrap a CSV or JSON document
+
+
+def frontier_section(analysis: Analysis, fmt: str) -> str:
+    """Error vs FLOPs per shape, the numbers of the plot's flops figure (calibrate.frontier)."""
+    from ..frontier import frontier_report_frame, target_levels
+
+    targets = {format_shape(item.shape): target_levels(analysis, item.shape) for item in analysis.shapes}
+    return format_frontier(frontier_report_frame(analysis), targets, fmt)
 
 
 @app.command("show", epilog=SHOW_EXAMPLES)
