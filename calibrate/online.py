@@ -142,10 +142,20 @@ class OnlineRecalibrator:
         return self._executor.submit(run_payload, payload, self.settings)
 
     def close(self) -> None:
-        """Stop the worker process (a fit in flight is abandoned)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the worker process; a fit in flight is abandoned (a table file is written whole or not at all).
+
+        Training that ends right after a launch would otherwise wait seconds for a fit nobody applies.
+        """
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        terminate = getattr(executor, "terminate_workers", None)  # Python 3.14+
+        if terminate is not None:
+            terminate()
+        else:
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> OnlineRecalibrator:
         return self

@@ -429,3 +429,13 @@ def test_a_failed_fit_names_its_launch_step_where_the_training_waits_for_it(tmp_
     message = "online recalibration launched after step 2 failed: OSError: worker died"
     with pytest.raises(RuntimeError, match=re.escape(message)):
         train(model, optimizer, range(3, 4))
+
+
+@pytest.mark.slow
+def test_close_abandons_a_fit_in_flight(tmp_path):
+    recalibrator = OnlineRecalibrator(out=tmp_path, fit=FitSettings(iterations=200))
+    future = recalibrator.submit(request_for("muon", low_rank_spectra(40, 64), shape=(64, 256)))
+    recalibrator.close()  # returns without waiting for the fit
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        future.result()
+    assert not (tmp_path / "muon-online").exists()
