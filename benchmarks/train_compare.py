@@ -55,8 +55,6 @@ from torch.nn import functional as F
 
 from calibrate.corpus import load_corpus, split_corpus
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitSettings
-from calibrate.online import OnlineRecalibrator
 from root_core import ROOT, root_param_groups
 from root_core.outliers import clip_to_quantile
 from root_core.recording import MomentumRecorder, RecordingError
@@ -289,6 +287,10 @@ def make_optimizer(
     chosen, quantile, missing = settings[arm]
     kind, extra = (ExactPolarROOT, {"svd_dtype": ctx.svd_dtype}) if arm == SVD_ARM else (ROOT, {})
     if arm == ONLINE_ARM:
+        # Imported here, for this arm only: the fit brings in scipy and optuna (seconds of import).
+        from calibrate.fit import FitSettings
+        from calibrate.online import OnlineRecalibrator
+
         record_dir = record_dir or Path(tempfile.mkdtemp(prefix="online_", dir=ctx.scratch))
         extra = {
             "recalibrate": OnlineRecalibrator(

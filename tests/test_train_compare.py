@@ -302,6 +302,7 @@ def loop_context(train_compare, tmp_path: Path):
     return arms, ctx
 
 
+@pytest.mark.slow
 def test_closed_loop_arms_are_paired_and_recording_changes_nothing(train_compare, tmp_path):
     arms, ctx = loop_context(train_compare, tmp_path)
     first = {arm: train_compare.train(arm, 1e-9, 1, None, ctx, steps=1, evals=0).final for arm in arms}
@@ -317,6 +318,7 @@ def test_closed_loop_arms_are_paired_and_recording_changes_nothing(train_compare
     assert recorded.probe.record_seconds > 0 and recorded.probe.recalibrations == []
 
 
+@pytest.mark.slow
 def test_online_arm_refits_on_its_own_recordings(train_compare, tmp_path):
     _, ctx = loop_context(train_compare, tmp_path)
     run = train_compare.train("ROOT online", 0.01, 1, None, ctx, steps=4, evals=0)
