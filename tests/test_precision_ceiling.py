@@ -83,6 +83,17 @@ def test_oracle_is_the_mean_fit(monkeypatch):
         return real_fit(spectra, settings)
 
     monkeypatch.setattr(precision_ceiling, "fit", recording_fit)
-    args = argparse.Namespace(set="held-out", iterations=2, max_gain=1.25)
+    args = argparse.Namespace(set="held-out", iterations=2, max_gain=1.25, robust_oracle=False)
     assert precision_ceiling.ceiling_row((16, 48), args, None).startswith("| 16x48 | 2 |")
     assert criteria == ["mean", "mean"]
+
+    # --robust-oracle adds the default (robust) fit on the same matrices, and the headroom it captures.
+    criteria.clear()
+    args.robust_oracle = True
+    row = precision_ceiling.ceiling_row((16, 48), args, None)
+    assert criteria == ["mean", "mean", "robust"]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    polar, oracle, robust = float(cells[2]), float(cells[3].split()[0]), float(cells[7].split()[0])
+    assert len(cells) == 9
+    if cells[8] != "—":  # printed errors are rounded to 4 digits, the share is computed before rounding
+        assert float(cells[8]) == pytest.approx((polar - robust) / (polar - oracle), rel=0.02, abs=0.01)
