@@ -313,12 +313,19 @@ def fit_shape(
 
 
 def search_steps(
-    key: ShapeKey, calibration: Tensor, validation: Tensor, request: CalibrationRequest, stages: Stages
+    key: ShapeKey,
+    calibration: Tensor,
+    validation: Tensor,
+    request: CalibrationRequest,
+    stages: Stages,
+    *,
+    stop_early: bool = True,
 ) -> FitResult:
     """--steps auto: rows for k = 2, 3, … on the same spectra, stopping at the first k that reaches the
     target; the fit at that k (or, where none does, at the k with the lowest validation error) carries
     the frontier in ``steps_search``. Each k is the fixed-k fit (robust criterion, bound) with
-    ``auto_iterations`` generations, started also from the previous k's rows."""
+    ``auto_iterations`` generations, started also from the previous k's rows. ``stop_early=False`` fits
+    every k up to MAX_AUTO_STEPS (the whole frontier, for benchmarks); the choice is the same."""
     assert request.target is not None
     settings = replace(request.fit, iterations=auto_iterations(request.fit.iterations))
     reference = settings.stress_baseline
@@ -353,10 +360,11 @@ def search_steps(
                     stress_errors={name: mean_error(s, rows) for name, s in stressed.items()},
                     shipped=shipped,
                     bound=safety(rows, settings.max_gain).high,
+                    rows=rows.rows,
                 )
             )
             advance(1)
-            if frontier[-1].reaches(levels):
+            if stop_early and frontier[-1].reaches(levels):
                 break
         advance(MAX_AUTO_STEPS - steps)
     chosen = choose_steps(frontier, levels)

@@ -40,7 +40,7 @@ FORMATS = ("png", "svg", "pdf")
 # 10 × 6 in at 110 dpi: a 1100 × 660 PNG, readable on a laptop screen and in a notebook cell.
 FIGSIZE = (10.0, 6.0)
 DPI = 110
-KINDS = ("iterations", "transfer", "training")
+KINDS = ("iterations", "transfer", "training", "flops")
 # Histogram bins per decade of σ: fine enough to show a Marchenko–Pastur bulk, coarse enough to read.
 BINS_PER_DECADE = 8
 BAND_ALPHA = 0.15
@@ -244,7 +244,48 @@ def plot_training(fig: Figure, analysis: Analysis, shape: ShapeKey) -> pd.DataFr
     return drawn
 
 
-PLOTTERS = {"iterations": plot_iterations, "transfer": plot_transfer, "training": plot_training}
+# ---- 4. error vs cost --------------------------------------------------------------------------------
+
+
+def plot_flops(fig: Figure, analysis: Analysis, shape: ShapeKey) -> pd.DataFrame:
+    """Mean float64 error against matmul FLOPs per Newton–Schulz call (calibrate.frontier): each set's
+    points at its step counts, labelled with k, a star at the count it runs (an auto table: the chosen k),
+    and each auto table's target as a dotted line."""
+    from .frontier import frontier_frame, target_levels  # frontier imports precision, as plots does
+
+    drawn = frontier_frame(analysis, shape)
+    ax = fig.add_subplot()
+    colors = {label: f"C{i % 10}" for i, label in enumerate(drawn["table"].unique())}
+    for label, rows in drawn.groupby("table", sort=False):
+        rows = _capped(rows.sort_values("steps"))
+        ax.plot(rows["flops"], rows["spectral_mean"], "-o", color=colors[label], label=label, markersize=5)
+        native = rows[rows["native"]]
+        ax.plot(native["flops"], native["spectral_mean"], "*", color=colors[label], markersize=14, mec="k")
+        for point in rows.itertuples():
+            ax.annotate(
+                f"{point.steps}",
+                (point.flops, point.spectral_mean),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=colors[label],
+            )
+    for i, (label, level) in enumerate(target_levels(analysis, shape).items()):
+        ax.axhline(level, color="k", ls=(0, (1, 2 + i)), lw=1.2, label=f"{label} ({level:.3g} here)")
+    ax.set_xscale("log")
+    _error_axis(ax, drawn, "steps", ["spectral_mean"])
+    ax.set_xlabel("matmul FLOPs per Newton–Schulz call, steps·(4m²n + 2m³) (log scale; labels: steps)")
+    ax.legend(title="coefficient set (float64, from the spectrum)", loc="upper right", fontsize=8)
+    _finish(fig, "Error vs cost per Newton–Schulz call", analysis, shape)
+    return drawn
+
+
+PLOTTERS = {
+    "iterations": plot_iterations,
+    "transfer": plot_transfer,
+    "training": plot_training,
+    "flops": plot_flops,
+}
 
 
 # ---- writing ----------------------------------------------------------------------------------------

@@ -63,6 +63,23 @@ def format_sampled_report(frame: pd.DataFrame, fmt: str, samples: Mapping[str, s
     return "\n".join([format_report(frame, fmt), "", *lines, SAMPLES_NOTE])
 
 
+FRONTIER_TITLE = (
+    "Error vs cost (the plot's flops figure): mean float64 spectral error at each step count; flops = "
+    "matmul FLOPs per Newton–Schulz call, steps·(4m²n + 2m³), m = short side; an auto table at every k "
+    "its search fitted"
+)
+
+
+def format_frontier(frame: pd.DataFrame, targets: Mapping[str, Mapping[str, float]], fmt: str) -> str:
+    """The report's second section, in table and markdown formats (csv and json stay one table each):
+    the frontier rows, then each auto table's target as measured on these samples (shape → label → level)."""
+    body = markdown(frame) if fmt == "markdown" else _rounded(frame).to_string(index=False)
+    lines = [f"{FRONTIER_TITLE}", "", body]
+    for shape, levels in targets.items():
+        lines += [f"{shape}: {label} = {level:.4g} on these samples" for label, level in levels.items()]
+    return "\n".join(lines)
+
+
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """JSON has no NaN or inf: a missing value (baseline absent) is null, a diverged one the string."""
     return [{key: _json_value(value) for key, value in row.items()} for row in frame.to_dict("records")]

@@ -137,6 +137,7 @@ class FrontierPoint:
     stress_errors: Mapping[str, float] = field(default_factory=dict)
     shipped: str = "fitted"  # "fitted", or the baseline whose rows replace fitted rows that lose to it
     bound: float | None = None
+    rows: tuple[tuple[float, float, float], ...] = ()  # the rows shipped at k (scale 1)
 
     def reaches(self, levels: TargetLevels) -> bool:
         if not self.validation_error <= levels.validation + TARGET_TOLERANCE:
@@ -181,7 +182,7 @@ def frontier_record(
         "reached": chosen is not None,
         # Fits run in increasing k and stop at the first k that reaches the target: larger k were not fitted.
         "searched_steps": [min(searched), max(searched)] if searched else [],
-        "stopped_early": chosen is not None and chosen < MAX_AUTO_STEPS,
+        "stopped_early": bool(searched) and max(searched) < MAX_AUTO_STEPS,
         "flops_formula": "steps * (4*m*m*n + 2*m**3), m = min side (calibrate.steps.ns_matmul_flops)",
         "frontier": [
             {
@@ -192,6 +193,7 @@ def frontier_record(
                 "bound": p.bound,
                 "flops": ns_matmul_flops(shape, p.steps),
                 "reaches_target": p.reaches(levels),
+                "coefficients": [list(row) for row in p.rows],
             }
             for p in frontier
         ],

@@ -7,13 +7,14 @@ import math
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import SHAPES
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from calibrate import pipeline
+from calibrate import pipeline, plots
 from calibrate.cli import app, with_default_command
 from calibrate.errors import CalibrationError
 from calibrate.fit import FitResult
@@ -30,7 +31,7 @@ from calibrate.steps import (
     steps_to_reach,
     target_levels,
 )
-from root_core import ROOT, CoefficientTable, load_table, orthogonalize
+from root_core import ROOT, CoefficientTable, load_table, orthogonalize, save_table
 from root_core.schedule import Schedule
 
 runner = CliRunner()
@@ -225,3 +226,66 @@ def test_a_tiny_auto_run_records_the_frontier_and_the_chosen_count_root_runs(tmp
     assert frontier[-1]["validation_error"] <= 0.3 and all(p["bound"] <= 1.25 for p in frontier)
     assert set(search["baselines_by_steps"]) == {"polar-express", "muon"}
     assert f"16x48: {steps} steps reach the target" in result.output
+
+
+# ---- the frontier in plot and report ------------------------------------------------------------
+
+
+MUON_ROW = (3.4445, -4.7750, 2.0315)
+
+
+@pytest.fixture
+def auto_table(tmp_path) -> Path:
+    """A hand-made auto table at 16x48: a frontier at k = 2, 3 (Muon's triple), 3 chosen, target muon."""
+    frontier = [
+        {"steps": k, "validation_error": 0.5 / k, "coefficients": [list(MUON_ROW)] * k} for k in (2, 3)
+    ]
+    metrics = {"steps_search": {"target": "muon", "chosen_steps": 3, "frontier": frontier}}
+    table = CoefficientTable.create(
+        name="hand-auto",
+        default_rows=MUON_ROW,
+        entries={(16, 48): {"coefficients": [MUON_ROW] * 3, "steps": 3, "metrics": metrics}},
+        provenance={"clip_quantile": 0.9},
+    )
+    return save_table(table, tmp_path / "tables")
+
+
+def test_the_frontier_frame_has_every_set_at_its_counts_with_flops_and_errors(auto_table):
+    from calibrate import frontier, precision
+
+    analysis = precision.analyse([str(auto_table)], against=[], shapes="16x48", count=2, check_samples=0)
+    frame = frontier.frontier_frame(analysis, (16, 48))
+    counts = frame.groupby("table", sort=False)["steps"].apply(list).to_dict()
+    assert counts == {
+        "muon": [5],
+        "polar-express": [5, 6, 7, 8, 9, 10],
+        "you-6step": [6],
+        "hand-auto@1": [2, 3],
+    }
+    assert (frame["flops"] == [ns_matmul_flops((16, 48), k) for k in frame["steps"]]).all()
+    spectra = analysis.samples_for((16, 48)).spectra
+    ours = frame[frame["table"] == "hand-auto@1"].set_index("steps")
+    for k in (2, 3):
+        expected = mean_error(spectra, Schedule(rows=(MUON_ROW,) * k, steps=k))
+        assert ours.loc[k, "spectral_mean"] == pytest.approx(expected, rel=1e-12)
+    assert ours["native"].tolist() == [False, True]  # the chosen k
+    muon_error = mean_error(spectra, load_table("muon").default_schedule)
+    assert frontier.target_levels(analysis, (16, 48)) == {
+        "hand-auto@1 target: muon": pytest.approx(muon_error)
+    }
+    drawn = plots.plot_flops(plots.new_figure(), analysis, (16, 48))
+    pd.testing.assert_frame_equal(drawn, frame)
+
+
+def test_report_prints_the_frontier_under_its_table(auto_table):
+    result = invoke(["report", str(auto_table), "--against", "none", "--count", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    section = result.output.split("Error vs cost")[1]
+    rows = [line.split() for line in section.splitlines() if line.strip().startswith("16x48 ")]
+    assert [row[2] for row in rows if row[1] == "hand-auto@1"] == ["2", "3"]
+    assert [row[2] for row in rows if row[1] == "polar-express"] == [str(k) for k in range(5, 11)]
+    assert re.search(r"16x48: hand-auto@1 target: muon = [0-9.]+ on these samples", section)
+    csv = invoke(
+        ["report", str(auto_table), "--against", "none", "--count", "2", "--quiet", "--format", "csv"]
+    )
+    assert csv.exit_code == 0 and "Error vs cost" not in csv.output  # csv stays one table

@@ -124,7 +124,7 @@ def test_training_figure_averages_the_samples_of_each_step(analysis, harvest_fil
 
 def test_synthetic_samples_have_no_training_figure():
     analysis = precision.analyse(["muon"], against=[], shapes=SHAPE_TEXT, count=2)
-    assert plots.figure_kinds(analysis, SHAPE) == ["iterations", "transfer"]
+    assert plots.figure_kinds(analysis, SHAPE) == ["iterations", "transfer", "flops"]
     with pytest.raises(precision.CalibrationError, match=re.escape("carry no training step")):
         precision.training_frame(analysis, SHAPE)
 
@@ -144,6 +144,7 @@ def test_diverging_table_reports_infinite_errors_not_missing_ones(spiky_table, t
     assert [p.name for p in paths] == [
         f"precision_{SHAPE_TEXT}_iterations.png",
         f"precision_{SHAPE_TEXT}_transfer.png",
+        f"precision_{SHAPE_TEXT}_flops.png",
     ]
 
 
@@ -174,7 +175,7 @@ def test_a_failed_render_leaves_no_file(analysis, tmp_path, monkeypatch):
 # ---- the commands ---------------------------------------------------------------------------------
 
 
-def test_plot_writes_three_real_images(tmp_path):
+def test_plot_writes_four_real_images(tmp_path):
     out = tmp_path / "figures"
     result = invoke(
         [
@@ -201,7 +202,7 @@ def test_plot_vector_formats(fmt, magic, tmp_path):
     )
     assert result.exit_code == 0, result.output
     paths = [Path(line) for line in result.output.strip().splitlines()]
-    assert len(paths) == 2 and all(p.suffix == f".{fmt}" and p.read_bytes().startswith(magic) for p in paths)
+    assert len(paths) == 3 and all(p.suffix == f".{fmt}" and p.read_bytes().startswith(magic) for p in paths)
 
 
 def test_report_formats_agree(harvest_file):
