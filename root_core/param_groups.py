@@ -30,6 +30,7 @@ def root_param_groups(
     decay_vectors: bool = False,
     output_head: str | nn.Module | None = None,
     vocab_size: int | None = None,
+    named: bool = False,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`root_core.ROOT`: hidden matrices, then the AdamW groups.
 
@@ -47,6 +48,9 @@ def root_param_groups(
     or the ``num_embeddings`` of the largest ``nn.Embedding``. A model with none of these (a vision
     classifier) has no head unless named. Frozen parameters are left out, tied ones listed once, and
     empty groups dropped.
+
+    ``named=True`` lists ``(name, parameter)`` pairs, as ``model.named_parameters()`` names them; torch
+    keeps the names in each group's ``param_names`` and ROOT's recordings (``record_dir=``) use them.
     """
     embeddings = [m for m in model.modules() if isinstance(m, EMBEDDINGS)]
     head = output_head_of(model, output_head=output_head, vocab_size=vocab_size)
@@ -78,7 +82,12 @@ def root_param_groups(
             {"params": tables, **adamw},
             {"params": vectors, **adamw, "weight_decay": 0.0},
         ]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if named:
+        names = {id(p): name for name, p in model.named_parameters()}
+        for group in groups:
+            group["params"] = [(names[id(p)], p) for p in group["params"]]
+    return groups
 
 
 def output_head_of(

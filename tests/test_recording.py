@@ -267,3 +267,25 @@ def test_the_recorder_can_be_passed_in_and_observes_nothing_between_recorded_ste
     train(model, optimizer, range(12))
     assert sorted({s.step for s in recorder.spectra()}) == [1, 11]
     assert len(recorder.spectra()) == 8 and recorder.step == 12
+
+
+def test_root_param_groups_named_gives_recordings_the_model_names(tmp_path):
+    from root_core import root_param_groups
+
+    model = make_net()
+    groups = root_param_groups(model, named=True)
+    assert groups[0]["params"][0] == ("up.weight", model.up.weight)
+    optimizer = ROOT(groups, lr=0.02, record_dir=tmp_path)
+    assert optimizer.param_groups[0]["param_names"] == [
+        "up.weight",
+        "mid.weight",
+        "mid2.weight",
+        "down.weight",
+    ]
+    train(model, optimizer, range(1))
+    assert sorted(s.name for s in read_recordings(tmp_path)) == [
+        "down.weight",
+        "mid.weight",
+        "mid2.weight",
+        "up.weight",
+    ]
