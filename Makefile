@@ -9,7 +9,7 @@ CALIBRATE := $(VENV)/bin/root-calibrate
 # per shape, clip at q=0.9, per-step rows, 5 steps, max gain 1.25, seed 0).
 TABLE_ARCHS := llama-3.2-1b llama-2-7b llama-3-8b qwen2.5-0.5b
 
-.PHONY: setup test test-gpu lint bench demo tables notebooks clean
+.PHONY: setup test test-gpu lint bench demo tables tables-auto notebooks clean
 
 setup: ## create .venv, pin torch first (CPU build here, CUDA build on a CUDA machine), then the project
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ tables: ## regenerate the bundled calibrated tables in coeff_tables/ (next free 
 	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch --out coeff_tables || exit 1; done
 	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch-shared --schedule shared \
 		--check-samples 1 --out coeff_tables || exit 1; done
+	$(MAKE) tables-auto
+
+# <arch>-auto: per shape the fewest steps (2-10) that reach the default target, Polar Express's 5-step
+# error (calibrate/steps.py). One architecture: make tables-auto TABLE_ARCHS=qwen2.5-0.5b
+tables-auto: ## the bundled auto-step tables alone (next free version each)
+	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch-auto --steps auto \
+		--out coeff_tables || exit 1; done
 
 notebooks: ## execute both notebooks top to bottom (small sizes, as the suite does)
 	$(PY) -m pytest -q tests/test_notebooks.py
