@@ -27,7 +27,9 @@ import multiprocessing
 import os
 import pickle
 import platform
+import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +89,9 @@ class OnlineRecalibrator:
         processes: ``1`` (default) fits in one spawned worker process; ``0`` inline on the calling thread.
         nice: niceness added to the worker process (default 10).
 
-    Call :meth:`close` (or use it as a context manager) when training ends; a spawned worker re-imports
-    the training script's module, so a script needs the usual ``if __name__ == "__main__":`` guard.
+    The worker is started at construction (its imports overlap the first steps). Call :meth:`close` (or
+    use it as a context manager) when training ends. A training script needs no ``__main__`` guard: the
+    worker never imports the script (``_MainHiddenExecutor``).
     """
 
     def __init__(
@@ -120,6 +123,9 @@ class OnlineRecalibrator:
         self.processes = processes
         self.nice = nice
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes:
+            # Started now, so its imports (~5 s on a loaded 2-core machine) overlap the first K steps.
+            self._worker().submit(_ready)
 
     def submit(self, request: RecalibrationRequest) -> concurrent.futures.Future:
         # Pickled here with plain pickle, so tensors travel as bytes rather than as shared-memory handles
@@ -132,17 +138,20 @@ class OnlineRecalibrator:
             except Exception as error:  # raised where ROOT waits, as from a worker
                 future.set_exception(error)
             return future
-        if self._executor is None:  # started on first use: constructing one spawns nothing
-            self._executor = concurrent.futures.ProcessPoolExecutor(
+        return self._worker().submit(run_payload, payload, self.settings)
+
+    def _worker(self) -> _MainHiddenExecutor:
+        if self._executor is None:
+            self._executor = _MainHiddenExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
                 initargs=(self.nice,),
             )
-        return self._executor.submit(run_payload, payload, self.settings)
+        return self._executor
 
     def close(self) -> None:
-        """Stop the worker process; a fit in flight is abandoned (a table file is written whole or not at all).
+        """Stop the worker; a fit in flight is abandoned (a table file is written whole or not at all).
 
         Training that ends right after a launch would otherwise wait seconds for a fit nobody applies.
         """
@@ -162,6 +171,27 @@ class OnlineRecalibrator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _MainHiddenExecutor(concurrent.futures.ProcessPoolExecutor):
+    """A spawned worker re-imports the parent's ``__main__`` module (to unpickle functions defined there),
+    so a training script without an ``if __name__ == "__main__":`` guard would train again in the worker,
+    into the same record folder. The worker runs only this module's functions, so the process is started
+    (in ``submit``, on the calling thread) while ``sys.modules["__main__"]`` is an empty stand-in: spawn
+    then has no main module to import."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+
+def _ready() -> None:
+    """The warm-up task: the worker has started and imported this module."""
 
 
 def _start_worker(nice: int) -> None:

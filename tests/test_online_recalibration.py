@@ -439,3 +439,40 @@ def test_close_abandons_a_fit_in_flight(tmp_path):
     with pytest.raises(concurrent.futures.process.BrokenProcessPool):
         future.result()
     assert not (tmp_path / "muon-online").exists()
+
+
+UNGUARDED_SCRIPT = """
+import sys, torch
+from torch import nn
+from calibrate.fit import FitSettings
+from calibrate.online import OnlineRecalibrator
+from root_core import ROOT
+print("training", flush=True)
+torch.manual_seed(0)
+model = nn.Linear(16, 32)
+folder = sys.argv[1]
+recalibrator = OnlineRecalibrator(out=folder + "/tables", fit=FitSettings(iterations=3))
+optimizer = ROOT([model.weight], lr=0.02, record_dir=folder + "/records", recalibrate=recalibrator,
+                 recalibrate_every=2, recalibrate_lag=1)
+for step in range(3):
+    optimizer.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    optimizer.step()
+recalibrator.close()
+print("applied", [entry["applied"] for entry in optimizer.recalibrations], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_trains_once(tmp_path):
+    """The worker is spawned without the script as its main module, so it never runs the training."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["training", "applied [3]"]
