@@ -158,6 +158,7 @@ class MomentumRecorder:
         """Count a step; whether its matrices are recorded."""
         self.step += 1
         self._recording = (self.step - 1) % self.every == 0
+        self._pending = []  # a step that raised before end_step left its records unwritten: drop them
         return self._recording
 
     def observe(

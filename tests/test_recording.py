@@ -289,3 +289,24 @@ def test_root_param_groups_named_gives_recordings_the_model_names(tmp_path):
         "mid2.weight",
         "up.weight",
     ]
+
+
+def test_a_step_that_fails_midway_leaves_nothing_for_the_next_recorded_step(tmp_path, monkeypatch):
+    model = make_net()
+    optimizer = ROOT(model.named_parameters(), lr=0.02, record_dir=tmp_path, record_every=1)
+    apply_updates = optimizer._apply_updates
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first batch was recorded, before the step's file is written
+            raise RuntimeError("out of memory")
+        return apply_updates(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "_apply_updates", fail_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(model, optimizer, range(1))
+    monkeypatch.setattr(optimizer, "_apply_updates", apply_updates)
+    train(model, optimizer, range(1, 2))
+    recorded = read_recordings(tmp_path)
+    assert {s.step for s in recorded} == {2} and len(recorded) == 4  # each matrix once, step 1 dropped
