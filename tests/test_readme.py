@@ -17,7 +17,19 @@ def test_readme_shows_the_two_commands_first():
     assert commands == ["make setup", "make test"]
 
 
-@pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))])
+# The online recalibration example spawns its worker process and fits: ~10 s.
+SLOW_BLOCKS = ("OnlineRecalibrator",)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(code, marks=[pytest.mark.slow] if any(w in code for w in SLOW_BLOCKS) else [])
+        for code in PYTHON_BLOCKS
+    ],
+    ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))],
+)
 @pytest.mark.filterwarnings("ignore::root_core.tables.MissingShapeWarning")
-def test_readme_python_examples_run(code):
+def test_readme_python_examples_run(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes files (recording momentum) leaves none in the repo
     exec(compile(code, str(README), "exec"), {})
