@@ -287,9 +287,8 @@ class ROOT(torch.optim.Optimizer):
         if recording:
             self.recorder.end_step()
         if self._online is not None:  # a step boundary: rows change only here (root_core/recalibration.py)
-            self._online.after_step(
-                self.recorder.spectra(), self.table, self.missing_shape, self._apply_recalibration
-            )
+            recorded = self.recorder.spectra() if recording else ()  # a list copy: only when it grew
+            self._online.after_step(recorded, self.table, self.missing_shape, self._apply_recalibration)
         return loss
 
     @property

@@ -366,7 +366,7 @@ def test_a_resumed_run_continues_with_the_same_rows_and_parameters(tmp_path):
     first_model, first = run(tmp_path / "resumed", range(1, 6))
     checkpoint = tmp_path / "checkpoint.pt"
     torch.save({"model": first_model.state_dict(), "optimizer": first.state_dict()}, checkpoint)
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint)  # weights_only: the state is tensors and plain data
     resumed_model, resumed = run(tmp_path / "resumed", range(6, 13), state=state)
 
     for (name, p), q in zip(whole_model.named_parameters(), resumed_model.parameters(), strict=True):
