@@ -197,6 +197,7 @@ class OnlineRecalibration:
         self.pending_missing: str = "default"
         self._future: FutureLike | None = None
         self.log: list[dict[str, Any]] = []
+        self.pool_fitted = False  # a fit was launched on the pool as it is now
 
     def after_step(self, recorded: Sequence[Any], table: Any, missing_shape: str, apply: Callable) -> None:
         """One step has finished: stage new records, apply a fit due now (``apply(table_dict, path)``
@@ -231,6 +232,8 @@ class OnlineRecalibration:
         self.last_recorded_step = newest
 
     def launch(self, table: Any, missing_shape: str) -> None:
+        if not self.staging and self.pool_fitted:
+            return  # nothing recorded since the last fit (record_every > every): it would say the same
         for shape, spectrum, source, quantile in self.staging:
             self.pools.setdefault(shape, ShapePool()).add(spectrum, source, self.max_samples)
             if quantile not in self.clip_quantiles:
@@ -238,6 +241,7 @@ class OnlineRecalibration:
         self.staging = []
         if not self.pools:
             return  # nothing recorded yet: no fit, the rows stay
+        self.pool_fitted = True
         self.pending_step, self.pending_table, self.pending_missing = (
             self.steps,
             table.to_dict(),
@@ -294,6 +298,7 @@ class OnlineRecalibration:
             "pending_table": self.pending_table,
             "pending_missing": self.pending_missing,
             "log": list(self.log),
+            "pool_fitted": self.pool_fitted,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -312,6 +317,7 @@ class OnlineRecalibration:
         self.pending_table = state["pending_table"]
         self.pending_missing = state["pending_missing"]
         self.log = list(state["log"])
+        self.pool_fitted = bool(state["pool_fitted"])
         self._future = None
         if self.pending_step is not None:
             self._submit()

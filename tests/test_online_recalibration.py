@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -17,11 +18,13 @@ import pytest
 import torch
 from torch import nn
 
+import calibrate.online as online
 from calibrate.determinism import pinned_threads
 from calibrate.errors import CalibrationError
 from calibrate.fit import FitSettings
 from calibrate.objective import safety, sample_errors
 from calibrate.online import OnlineRecalibrator, OnlineSettings, held_out_split, recalibrate, write_table
+from calibrate.pipeline import baseline_rows
 from root_core import ROOT
 from root_core.recalibration import (
     RecalibrationRequest,
@@ -29,10 +32,12 @@ from root_core.recalibration import (
     ShapePool,
     normalised_spectrum,
 )
+from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, load_table
 
 ROOT_CORE = Path(__file__).resolve().parent.parent / "root_core"
 QUICK_FIT = FitSettings(iterations=3)
+MUON_ROW = (3.4445, -4.7750, 2.0315)  # docs/design.md §2
 
 
 class Net(nn.Module):
@@ -252,6 +257,28 @@ def test_rows_that_are_already_good_are_kept_and_nothing_is_written(tmp_path):
     assert [p.name for p in (tmp_path / "muon-online").iterdir()] == ["v1.json"]
 
 
+def test_fitted_rows_that_lose_to_polar_express_on_held_out_spectra_fall_back_to_its_rows(
+    tmp_path, monkeypatch
+):
+    """The CLI's fallback: here the fit is made to return Muon's triple, which loses to Polar Express."""
+    real_fit = online.fit
+
+    def muon_fit(*args, **kwargs):
+        return dataclasses.replace(real_fit(*args, **kwargs), schedule=Schedule(rows=(MUON_ROW,), steps=5))
+
+    monkeypatch.setattr(online, "fit", muon_fit)
+    result = recalibrate(
+        request_for("classic", low_rank_spectra(12, 16)), OnlineSettings(out=tmp_path, fit=QUICK_FIT)
+    )
+    decision = result.report["16x32"]
+    assert decision["decision"] == "swap"
+    assert decision["fallback"] == "polar-express"
+    assert decision["reason"].startswith("polar-express's rows (fitted rows lost: validation spectral error")
+    entry = CoefficientTable.from_dict(result.table).entry((16, 32))
+    assert entry.coefficients == baseline_rows("polar-express", 5).rows  # its 1.02 folded into row 1
+    assert entry.metrics["fallback"]["fitted_coefficients"] == [list(MUON_ROW)]
+
+
 def test_too_few_spectra_keep_the_rows(tmp_path):
     result = recalibrate(
         request_for("muon", low_rank_spectra(1, 16)), OnlineSettings(out=tmp_path, fit=QUICK_FIT)
@@ -334,15 +361,14 @@ def test_rows_swap_exactly_lag_steps_after_the_launch_however_fast_the_fit(tmp_p
     assert first.spectra[(16, 32)].norm(dim=-1).sub(1).abs().max() < 1e-12
 
 
-def test_no_fit_is_launched_before_anything_is_recorded(tmp_path):
+def test_a_fit_is_launched_only_when_something_new_was_recorded(tmp_path):
     fake = RecordingRecalibrator(None)
     model = make_net()
-    optimizer = online_root(model, tmp_path, fake, every=2, lag=1, record_every=5)
-    train(model, optimizer, range(1, 2))  # step 1 is recorded
-    assert fake.requests == []
-    train(model, optimizer, range(2, 5))
-    assert [r.step for r in fake.requests] == [2, 4]
-    assert fake.requests[1].spectra[(16, 16)].shape[0] == 1  # steps 2-4 recorded nothing new
+    optimizer = online_root(model, tmp_path, fake, every=2, lag=1, record_every=5)  # records steps 1, 6
+    train(model, optimizer, range(1, 8))
+    assert [r.step for r in fake.requests] == [2, 6]  # after step 4 the pool was the one fitted after 2
+    assert [r.spectra[(16, 16)].shape[0] for r in fake.requests] == [1, 2]
+    assert [entry["applied"] for entry in optimizer.recalibrations] == [3, 7]
 
 
 def run(tmp_path: Path, steps: range, *, state=None, processes: int = 0):
