@@ -205,3 +205,15 @@ def test_plot_real_draws_the_error_over_training_steps(tmp_path, recordings):
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any("training" in name for name in written), written
+
+
+def test_report_real_on_a_corrupted_recording_is_one_line(tmp_path, recordings):
+    folder = tmp_path / "momentum"
+    folder.mkdir()
+    source = sorted(recordings.iterdir())[0]
+    broken = folder / source.name
+    broken.write_bytes(source.read_bytes()[:-20])
+    result = invoke("report", "muon", "--real", str(folder))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith(f"error: cannot read momentum recording {broken}: tensor ")
+    assert len(result.output.strip().splitlines()) == 1
