@@ -361,6 +361,7 @@ def search_steps(
                     shipped=shipped,
                     bound=safety(rows, settings.max_gain).high,
                     rows=rows.rows,
+                    seconds=fitted.seconds,
                 )
             )
             advance(1)

@@ -138,6 +138,7 @@ class FrontierPoint:
     shipped: str = "fitted"  # "fitted", or the baseline whose rows replace fitted rows that lose to it
     bound: float | None = None
     rows: tuple[tuple[float, float, float], ...] = ()  # the rows shipped at k (scale 1)
+    seconds: float | None = None  # the fit's time at k
 
     def reaches(self, levels: TargetLevels) -> bool:
         if not self.validation_error <= levels.validation + TARGET_TOLERANCE:
@@ -194,6 +195,7 @@ def frontier_record(
                 "flops": ns_matmul_flops(shape, p.steps),
                 "reaches_target": p.reaches(levels),
                 "coefficients": [list(row) for row in p.rows],
+                "fit_seconds": None if p.seconds is None else round(p.seconds, 3),
             }
             for p in frontier
         ],

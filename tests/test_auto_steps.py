@@ -289,3 +289,34 @@ def test_report_prints_the_frontier_under_its_table(auto_table):
         ["report", str(auto_table), "--against", "none", "--count", "2", "--quiet", "--format", "csv"]
     )
     assert csv.exit_code == 0 and "Error vs cost" not in csv.output  # csv stays one table
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_auto_steps_benchmark_reports_every_k_on_independent_momentum(tmp_path):
+    from conftest import run_benchmark
+
+    cache = str(tmp_path / "cache")
+    args = [
+        "--shapes",
+        "16x48",
+        "--target",
+        "0.1",
+        "--iterations",
+        "8",
+        "--independent-count",
+        "2",
+        "--samples",
+        "6",
+    ]
+    args += ["--steps", "8", "--harvest-steps", "12", "--cache", cache, "--held-out-cache", cache]
+    result = run_benchmark("auto_steps.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("| 16x48 |") and line.count("|") == 12]
+    frontier = [line for line in lines if line.startswith("| 16x48 |") and line.count("|") == 10]
+    assert len(summary) == 1 and [line.split(" | ")[1] for line in frontier] == [str(k) for k in range(2, 11)]
+    # 16x48 is 3× as long as wide: the MLP check applies (met or missed, never "—").
+    assert summary[0].rstrip(" |").split(" | ")[-1] in ("met", "**missed**")
