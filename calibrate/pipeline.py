@@ -627,6 +627,9 @@ def provenance(request: CalibrationRequest, results: Sequence[ShapeResult]) -> d
         "corpus": str(request.corpus) if request.corpus else "python-stdlib",
         "harvest_probes": list(parse_probes(request.probes)),
         "search": results[0].fit.method if results else {},
+        # --steps auto: each entry's own count is in its steps and metrics.steps_search; "search" above
+        # is the first shape's fit at its chosen k.
+        **({"steps": "auto", "target": request.target.text} if request.target else {}),
         "default_rows": "muon (KellerJordan/Muon), the ROOT reference's fallback",
         "layers": [
             {"name": s.name, "shape": list(s.shape), "count": s.count} for s in request.layer_shapes or []

@@ -225,6 +225,7 @@ def test_a_tiny_auto_run_records_the_frontier_and_the_chosen_count_root_runs(tmp
     assert all(p["flops"] == ns_matmul_flops((16, 48), p["steps"]) for p in frontier)
     assert frontier[-1]["validation_error"] <= 0.3 and all(p["bound"] <= 1.25 for p in frontier)
     assert set(search["baselines_by_steps"]) == {"polar-express", "muon"}
+    assert table.provenance["steps"] == "auto" and table.provenance["target"] == "0.3"
     assert f"16x48: {steps} steps reach the target" in result.output
 
 
