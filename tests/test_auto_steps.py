@@ -147,6 +147,18 @@ def test_fitted_rows_that_lose_to_polar_express_at_their_step_count_are_replaced
     assert mean_error(spectra, schedules["polar-express (3 steps)"]) < mean_error(spectra, losing)
 
 
+def test_the_fallback_check_compares_with_polar_express_at_the_fitted_count(tmp_path):
+    """3 fitted steps that lose to Polar Express's 5 but beat its 3 ship; losing to its 3 falls back."""
+    fitted = fit_result(Schedule(rows=((1.5, -0.5, 0.0),) * 3, steps=3))
+    request = pipeline.CalibrationRequest(shapes=[(16, 48)], out=tmp_path, name="x")
+    spectral = {"calibrated": [0.5], "polar-express": [0.1], "polar-express (3 steps)": [0.6]}
+    assert pipeline.baseline_check(fitted, spectral, {}, request) is None
+    spectral["polar-express (3 steps)"] = [0.4]
+    fallback = pipeline.baseline_check(fitted, spectral, {}, request)
+    assert fallback["to"] == "polar-express" and fallback["steps"] == 3
+    assert fallback["reason"] == "validation spectral error 0.5000 > 0.4000"
+
+
 # ---- ROOT runs each shape's own count; ns_steps overrides ---------------------------------------
 
 
