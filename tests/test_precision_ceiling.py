@@ -97,3 +97,54 @@ def test_oracle_is_the_mean_fit(monkeypatch):
     assert len(cells) == 9
     if cells[8] != "—":  # printed errors are rounded to 4 digits, the share is computed before rounding
         assert float(cells[8]) == pytest.approx((polar - robust) / (polar - oracle), rel=0.02, abs=0.01)
+
+
+def test_stress_variant_restricts_and_restores_the_stress_sets(monkeypatch):
+    """benchmarks/stress_variants.py swaps the objective's stress sets for one fit and puts them back."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from stress_variants import stress_variant
+
+    from calibrate import objective
+    from calibrate.sampling.synthetic import synthetic_sample
+    from calibrate.spectra import normalized_spectrum
+
+    spectra = objective.stack_spectra(
+        [
+            normalized_spectrum(
+                synthetic_sample((16, 48), 0, seed=0, family="low_rank_noise").matrix, clip_quantile=0.9
+            )
+        ]
+    )
+    default = objective.stress_spectra(spectra)
+    assert set(default) == {"tail-x0.1", "tail-x0.01", "low-rank"}
+    with stress_variant("tails"):
+        assert set(objective.stress_spectra(spectra)) == {"tail-x0.1", "tail-x0.01"}
+    with stress_variant("mean"):
+        assert objective.stress_spectra(spectra) == {}
+    with stress_variant("lr0.1"):  # the low-rank set ten times shallower: its tail sits 10x higher
+        shallow = objective.stress_spectra(spectra)["low-rank"]
+        assert float(shallow[0, -1] / shallow[0, 0]) > float(
+            default["low-rank"][0, -1] / default["low-rank"][0, 0]
+        )
+    assert set(objective.stress_spectra(spectra)) == set(default)
+    assert objective.LOW_RANK_FACTOR == 0.01
+
+
+def test_stress_variants_smoke(tmp_path):
+    result = run_benchmark(
+        "stress_variants.py",
+        "--shapes",
+        "16x48",
+        "--variants",
+        "mean,all",
+        "--iterations",
+        "2",
+        "--cache",
+        str(tmp_path / "c"),
+        "--held-out-cache",
+        str(tmp_path / "c"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 16x48 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["mean", "all"]
