@@ -228,6 +228,12 @@ def shape_line(shape, auto, polar, device, ns_dtype, repeats) -> str:
     )
 
 
+def auto_args(args) -> str:
+    """The options of this run beyond the original four, for the reproducing command."""
+    threads = f" --threads {args.threads}" if args.threads is not None else ""
+    return threads + (f" --auto-table {args.auto_table}" if args.auto_table else "")
+
+
 def describe(shapes) -> str:
     """The block's matrices, equal shapes counted: 4× 4096×4096, 2× 11008×4096, 4096×11008."""
     counts = {shape: shapes.count(shape) for shape in shapes}
@@ -243,8 +249,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--table", default="root-paper")
     parser.add_argument("--auto-table", help="an auto-step table to time against Polar Express's 5 steps")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's); 1 on a loaded shared machine"
+    )
     parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # torch.optim.Muon always iterates in bf16, so ROOT runs in bf16 too: same dtype, same work.
     ns_dtype = torch.bfloat16
@@ -256,7 +269,8 @@ def main() -> None:
         f"### optimizer_step — {dt.date.today()} — {machine(device)} — torch {torch.__version__}",
         "",
         f"Command: `python benchmarks/optimizer_step.py --device {args.device} --scale {args.scale} "
-        f"--repeats {args.repeats} --table {args.table}`; NS in bf16 for ROOT and Muon (Muon's fixed dtype), "
+        f"--repeats {args.repeats} --table {args.table}{auto_args(args)}`; NS in bf16 for ROOT and Muon "
+        "(Muon's fixed dtype), "
         f"ROOT with soft-threshold at q=0.9; AdamW (lr 1e-3, wd 0.01, torch defaults otherwise); medians "
         f"of {args.repeats} interleaved steps.",
         "",
