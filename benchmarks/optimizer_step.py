@@ -184,7 +184,8 @@ def auto_step_lines(shapes, device, ns_dtype, spec: str, repeats: int) -> list[s
     )
     lines += [
         "",
-        "Per shape: one NS call in bf16 (medians of interleaved calls), its matmul FLOPs, and the errors "
+        f"Per shape: one NS call in bf16 (medians of {NS_CALL_ROUNDS * repeats} interleaved calls, order "
+        "alternating), its matmul FLOPs, and the errors "
         "(validation: the table's metrics on its validation spectra; synthetic: bf16 vs the float64 polar "
         f"factor, median over {len(SYNTHETIC_FAMILIES)} synthetic matrices, one per family).",
         "",
@@ -197,6 +198,7 @@ def auto_step_lines(shapes, device, ns_dtype, spec: str, repeats: int) -> list[s
     return lines
 
 
+NS_CALL_ROUNDS = 3  # rounds of single NS calls per --repeats
 # One matrix per family of root-calibrate's default synthetic mix (calibrate/sampling/synthetic.py).
 SYNTHETIC_FAMILIES = ("gaussian", "heavy_tailed", "low_rank_noise", "row_col_scaled")
 
@@ -205,8 +207,11 @@ def shape_line(shape, auto, polar, device, ns_dtype, repeats) -> str:
     schedules = {"auto": auto.schedule_for(shape), "pe": polar.schedule_for(shape)}
     M = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     times = {label: [] for label in schedules}
-    for _ in range(repeats + 1):  # the first round warms up
-        for label, schedule in schedules.items():
+    # One call is milliseconds here, so more rounds than whole steps get; the order alternates so that
+    # neither set always runs first (after the other's allocations); the first round warms up.
+    for round_ in range(NS_CALL_ROUNDS * repeats + 1):
+        for label in list(schedules)[:: 1 if round_ % 2 else -1]:
+            schedule = schedules[label]
             times[label].append(timed(lambda s=schedule: orthogonalize(M, s, dtype=ns_dtype), device))
     ns = {label: statistics.median(values[1:]) for label, values in times.items()}
     matrices = [synthetic_sample(shape, 0, seed=0, family=family).matrix for family in SYNTHETIC_FAMILIES]
