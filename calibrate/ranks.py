@@ -351,6 +351,8 @@ def check_held(held, fits, request: CalibrationRequest, stages: Stages, team: Te
 
 def shape_result(key, records: list[SampleRecord], fitted, checks, request) -> ShapeResult:
     matrix, check_seconds = checks
+    if not matrix:  # recorded spectra only: no matrix was checked, as pipeline.check_matrices says it
+        matrix = {label: {} for label in pipeline.check_schedules(key, fitted)}
     seconds = {
         stage: sum(r.seconds[stage] for r in records) for stage in ("samples", "spectra")
     }  # summed over ranks: compute time, not wall time

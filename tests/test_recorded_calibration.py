@@ -7,6 +7,7 @@ phases, and bad input (other shapes, a corrupted file, another clip quantile) as
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_recordings_load_as_spectrum_and_matrix_samples(recordings):
     assert kinds == {"hidden.weight": "Sample", "hidden2.weight": "SpectrumSample"}
     assert all(isinstance(s, SpectrumSample) and not s.has_matrix for s in found[(16, 32)])
     assert [s.meta["step"] for s in found[(16, 32)][::2]] == list(range(1, STEPS, RECORD_EVERY))
+    # Step order, each step's matrices rotated by its rank among the steps: every other sample (what
+    # calibration's even spread of 8 out of 16 takes) alternates between the two parameters.
+    assert [s.meta["param_name"] for s in square[::2]] == ["hidden.weight", "hidden2.weight"] * 4
 
 
 def _no_table_written(tmp_path: Path) -> bool:
@@ -217,3 +221,36 @@ def test_report_real_on_a_corrupted_recording_is_one_line(tmp_path, recordings):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith(f"error: cannot read momentum recording {broken}: tensor ")
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_calibrate_the_same_table_from_recordings(tmp_path, recordings):
+    """Spectrum-only samples in the rank split: no matrix to hold or check, the same table as one process."""
+    from test_calibrate_ranks import torchrun
+
+    args = [
+        "--real",
+        str(recordings),
+        "--name",
+        "mine",
+        "--ratio",
+        "1:0",
+        *CALIBRATE_FAST,
+        "--check-samples",
+        "3",
+    ]
+    single = invoke(*args, "--out", str(tmp_path / "one"))
+    assert single.exit_code == 0, single.output
+    split = torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    assert split.returncode == 0, split.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "mine" / "v1.json").read_text())
+    two = json.loads((tmp_path / "two" / "mine" / "v1.json").read_text())
+    for a, b in zip(one["entries"], two["entries"], strict=True):
+        assert a["coefficients"] == b["coefficients"]
+        drop = ("seconds",)
+        assert {k: v for k, v in a["metrics"].items() if k not in drop} == {
+            k: v for k, v in b["metrics"].items() if k not in drop
+        }
+    checked = {e["shape"][0]: e["metrics"]["samples"]["matrix_checked"] for e in one["entries"]}
+    assert checked[16] == 0 and checked[32] >= 1  # 32x32 validation holds recorded whole updates
+    assert two["provenance"]["sources"] == one["provenance"]["sources"]

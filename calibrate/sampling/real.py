@@ -30,7 +30,7 @@ from root_core.tables import canonical_shape
 
 from ..errors import CalibrationError
 from .base import Sample
-from .recorded import samples_from_recording
+from .recorded import rotate_within_steps, samples_from_recording
 
 Shape = tuple[int, int]
 PathLike = str | Path
@@ -342,4 +342,4 @@ def load_real_samples(
             pairs = _samples_from_file(path, set(keys), is_momentum, flag)
         for key, sample in pairs:
             found[key].append(sample)
-    return found
+    return {key: rotate_within_steps(samples) for key, samples in found.items()}

@@ -155,6 +155,27 @@ def samples_from_recording(
     return found
 
 
+def rotate_within_steps(samples: list[Any]) -> list[Any]:
+    """A shape's recorded samples in step order, the j-th recorded step's matrices rotated by j.
+
+    Calibration spreads its picks evenly over this list (``pipeline._spread``), which balances the phases
+    of the run; the rotation also varies the parameters picked (without it, picking every other sample of
+    a run that records two same-shape matrices per step would take the same parameter at every step).
+    Lists that hold anything but recordings are left as they are.
+    """
+    if not samples or not all("recorded_table" in sample.meta for sample in samples):
+        return samples
+    by_step: dict[int, list[Any]] = {}
+    for sample in samples:
+        by_step.setdefault(sample.meta["step"], []).append(sample)
+    ordered = []
+    for j, step in enumerate(sorted(by_step)):
+        group = by_step[step]
+        shift = j % len(group)
+        ordered += group[shift:] + group[:shift]
+    return ordered
+
+
 def check_recorded_clip(samples: Sequence[Any], clip_quantile: float | None) -> None:
     """Refuse recorded spectra taken at another clip quantile than the calibration's: one line."""
     for sample in samples:
