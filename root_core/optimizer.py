@@ -105,7 +105,8 @@ class ROOT(torch.optim.Optimizer):
             a group), else ``group{g}.param{i}``.
         recorder: a :class:`~root_core.recording.MomentumRecorder`, instead of ``record_dir``; either way
             it is ``opt.recorder`` (``None`` when not recording). With recording on, the step is not one
-            graph for ``torch.compile(fullgraph=True)``: the recorder counts steps and writes files.
+            graph for ``torch.compile(fullgraph=True)``: the recorder counts steps and writes files, so
+            it runs eagerly and plain ``torch.compile`` breaks the graph around it.
         recalibrate, recalibrate_every, recalibrate_lag: online recalibration (needs recording). After
             every ``recalibrate_every``-th step the spectra recorded so far go to ``recalibrate.submit``
             (``calibrate.online.OnlineRecalibrator``: the CLI's fit, in a worker process); its answer is

@@ -154,6 +154,10 @@ class MomentumRecorder:
 
     # ---- what ROOT calls ------------------------------------------------------------------------------
 
+    # The three methods ROOT calls run eagerly under torch.compile: they keep Python state (the step count)
+    # and write files, which Dynamo cannot trace (it fails on the file name's format). A compiled step
+    # breaks its graph around them; with recording off ROOT never calls them.
+    @torch.compiler.disable
     def begin_step(self) -> bool:
         """Count a step; whether its matrices are recorded."""
         self.step += 1
@@ -161,6 +165,7 @@ class MomentumRecorder:
         self._pending = []  # a step that raised before end_step left its records unwritten: drop them
         return self._recording
 
+    @torch.compiler.disable
     def observe(
         self,
         names: Sequence[str],
@@ -192,6 +197,7 @@ class MomentumRecorder:
             whole = update[index].detach().cpu().clone() if self._wants_matrix(name) else None
             self._pending.append((record, whole))
 
+    @torch.compiler.disable
     def end_step(self) -> Path | None:
         """Write this step's recordings (one file for this rank), if any; the file's path."""
         self._recording = False

@@ -310,3 +310,25 @@ def test_a_step_that_fails_midway_leaves_nothing_for_the_next_recorded_step(tmp_
     train(model, optimizer, range(1, 2))
     recorded = read_recordings(tmp_path)
     assert {s.step for s in recorded} == {2} and len(recorded) == 4  # each matrix once, step 1 dropped
+
+
+@pytest.mark.slow
+def test_a_compiled_step_records_what_the_eager_step_records(tmp_path):
+    """torch.compile without fullgraph: the graph breaks around the recorder, which runs eagerly."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8)
+    results = {}
+    for how in ("eager", "compiled"):
+        p = nn.Parameter(weight.clone())
+        optimizer = ROOT([("w", p)], lr=torch.tensor(0.02), record_dir=tmp_path / how, record_every=2)
+        step = torch.compile(optimizer.step) if how == "compiled" else optimizer.step
+        for i in range(3):  # recorded, idle, recorded: both branches traced
+            p.grad = torch.randn(16, 8, generator=torch.Generator().manual_seed(i))
+            step()
+        results[how] = optimizer.recorder
+    compiled, eager = results["compiled"], results["eager"]
+    assert [p.name for p in compiled.files] == [p.name for p in eager.files]
+    for a, b in zip(compiled.spectra(), eager.spectra(), strict=True):
+        assert (a.step, a.name) == (b.step, b.name) and a.step in (1, 3)
+        # Compiled and eager steps differ by float32 rounding (~1e-7 of the update, test_batched_step.py).
+        torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-4, atol=1e-6)
