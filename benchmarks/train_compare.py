@@ -563,7 +563,7 @@ def recorded_table(noise: Noise | None, ctx: Context, args) -> tuple[object, dic
     log(f"recording run: {START_TABLE}, lr {args.record_lr:g}, seed {SWEEP_SEED}, every {ctx.record_every}")
     first = train(RECORDING_RUN, args.record_lr, SWEEP_SEED, noise, ctx, args.steps, 0, record_dir=directory)
     extra = ("--real", str(directory), "--ratio", "1:0")
-    table, how, seconds = calibrated_table(ctx.shapes, args, None, "", extra)
+    table, how, seconds = calibrated_table(ctx.shapes, args, None, "", extra, args.recorded_samples)
     return table, {"first_run": first, "calibration": (how, seconds), "table": table}
 
 
@@ -696,7 +696,12 @@ def log(message: str) -> None:
 
 
 def calibrated_table(
-    shapes: list[tuple[int, int]], args, given: str | None, flag: str, extra: tuple[str, ...] = ()
+    shapes: list[tuple[int, int]],
+    args,
+    given: str | None,
+    flag: str,
+    extra: tuple[str, ...] = (),
+    samples: int | None = None,
 ) -> tuple[object, str, float]:
     """Load ``given`` (the value of option ``flag``), or fit one for exactly these shapes with
     root-calibrate and ``extra`` settings; check it covers them."""
@@ -704,7 +709,8 @@ def calibrated_table(
     if given:
         table, how = load_table(given), f"`{flag} {given}`"
     else:
-        settings = ["--shapes", ",".join(f"{m}x{n}" for m, n in shapes), "--samples", str(args.calib_samples)]
+        settings = ["--shapes", ",".join(f"{m}x{n}" for m, n in shapes)]
+        settings += ["--samples", str(samples or args.calib_samples)]
         settings += ["--iterations", str(args.calib_iterations), "--device", args.device, *extra]
         if args.calib_harvest_steps:
             settings += ["--harvest-steps", str(args.calib_harvest_steps)]
@@ -757,8 +763,8 @@ def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], 
         lines.append(
             f"{RECORDED_ARM}: a first run (seed {SWEEP_SEED}, ROOT with `{START_TABLE}`, q=0.9, lr "
             f"{args.record_lr:g}, {args.steps} steps) records NS inputs every {args.record_every} steps; "
-            "root-calibrate fits a table on those recordings alone (`--real DIR --ratio 1:0`, the calibrated "
-            "arm's samples and iterations), and the arm trains with it."
+            f"root-calibrate fits a table on {args.recorded_samples} of those recordings alone (`--real DIR "
+            "--ratio 1:0`, the calibrated arm's iterations), and the arm trains with it."
         )
     if ONLINE_ARM in args.arms:
         lines.append(
@@ -1003,6 +1009,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     loop.add_argument("--record-lr", type=float, help="the recording run's lr (default: the grid's middle)")
     loop.add_argument(
+        "--recorded-samples",
+        type=int,
+        help=f"{RECORDED_ARM}: root-calibrate --samples (default --calib-samples)",
+    )
+    loop.add_argument(
         "--recalibrate-every", type=int, help=f"{ONLINE_ARM}: refit every K steps (--steps / 5)"
     )
     loop.add_argument("--online-iterations", type=int, default=50, help=f"{ONLINE_ARM}: search generations")
@@ -1033,6 +1044,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     args.d_ff = args.d_ff or 3 * args.d_model
     args.sweep_steps = args.sweep_steps or max(1, args.steps // 2)
     args.record_every = args.record_every or max(1, args.steps // 20)
+    args.recorded_samples = args.recorded_samples or args.calib_samples
     args.recalibrate_every = args.recalibrate_every or max(1, args.steps // 5)
     for key in (
         "d_model",
@@ -1050,6 +1062,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "calib_samples",
         "calib_iterations",
         "record_every",
+        "recorded_samples",
         "recalibrate_every",
         "online_iterations",
     ):
