@@ -85,7 +85,9 @@ def shape_rows(
     key, search: dict, held: torch.Tensor, target: float, rectangular: bool
 ) -> tuple[list[str], list[str], dict]:
     """The summary row and the frontier rows of one shape; and the three checks."""
-    pe, muon, you = (load_table(n).default_schedule for n in ("polar-express", "muon", "you-6step"))
+    pe = load_table("polar-express").default_schedule
+    muon = load_table("muon").default_schedule
+    you = load_table("you-6step").default_schedule
     pe_by_k = {k: mean_error(held, pe.with_steps(k)) for k in range(1, MAX_AUTO_STEPS + 1)}
     ours = {
         p["steps"]: mean_error(held, Schedule(rows=tuple(map(tuple, p["coefficients"])), steps=p["steps"]))
