@@ -383,17 +383,19 @@ def run(tmp_path: Path, steps: range, *, state=None, processes: int = 0):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_with_the_same_rows_and_parameters(tmp_path):
-    """Checkpointed after step 5 (a fit launched after step 4 is in flight, due after step 6) and resumed
-    in a fresh optimizer, the run ends bit for bit where the uninterrupted one does."""
+@pytest.mark.parametrize("checkpoint_after", [5, 6])
+def test_a_resumed_run_continues_with_the_same_rows_and_parameters(tmp_path, checkpoint_after):
+    """Checkpointed after step 5 (a fit launched after step 4 is in flight, due after step 6) or after step
+    6 (its rows just applied) and resumed in a fresh optimizer, the run ends bit for bit where the
+    uninterrupted one does."""
     whole_model, whole = run(tmp_path / "whole", range(1, 13))
     assert [r["swapped"] for r in whole.recalibrations] == [True, True]  # the rows did change, twice
 
-    first_model, first = run(tmp_path / "resumed", range(1, 6))
+    first_model, first = run(tmp_path / "resumed", range(1, checkpoint_after + 1))
     checkpoint = tmp_path / "checkpoint.pt"
     torch.save({"model": first_model.state_dict(), "optimizer": first.state_dict()}, checkpoint)
     state = torch.load(checkpoint)  # weights_only: the state is tensors and plain data
-    resumed_model, resumed = run(tmp_path / "resumed", range(6, 13), state=state)
+    resumed_model, resumed = run(tmp_path / "resumed", range(checkpoint_after + 1, 13), state=state)
 
     for (name, p), q in zip(whole_model.named_parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q), name
