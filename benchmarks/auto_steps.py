@@ -199,7 +199,7 @@ def timing_report(args) -> str:
         "",
         f"Command: `python benchmarks/auto_steps.py {shlex.join(sys.argv[1:])}`: the CLI "
         f"(`root-calibrate {shlex.join(base)} [--steps auto --target {args.target}] --out TMP --quiet`), "
-        f"{args.timing} runs each, alternating, harvests and spectra from the cache.",
+        f"{args.timing} run(s) each, alternating, harvests and spectra from the cache.",
         "",
         "| run | wall times (s) | median (s) |",
         "|---|---|---|",
