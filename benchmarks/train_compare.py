@@ -59,7 +59,7 @@ from root_core import ROOT, root_param_groups
 from root_core.outliers import clip_to_quantile
 from root_core.recording import MomentumRecorder, RecordingError
 from root_core.spectral import spectral_error
-from root_core.tables import TableError, load_table
+from root_core.tables import CoefficientTable, TableError, load_table
 
 DEFAULT_ARMS = ("AdamW", "Muon", "ROOT root-paper", "ROOT calibrated", "ROOT calibrated (no threshold)")
 AUTO_ARM = "ROOT auto-steps"  # the --auto-table: each shape runs its own step count (issue 14)
@@ -752,6 +752,9 @@ def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], 
     if AUTO_ARM in args.arms:
         auto = ("--steps", "auto", "--target", args.auto_target)
         table, how, seconds = calibrated_table(shapes, args, args.auto_table, "--auto-table", auto)
+        if args.frontier_steps:
+            table = frontier_table(table, args.frontier_steps)
+            how += f", its frontier's rows at {args.frontier_steps} steps (`--frontier-steps`)"
         tables["auto"] = table
         lines.append(f"Auto-step table: {how}, {seconds:.0f} s; per shape {auto_note(table, shapes)}.")
     if SVD_ARM in args.arms:
@@ -774,6 +777,35 @@ def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], 
             f"{args.recalibrate_every} steps after launch, only where better on held-out recorded spectra)."
         )
     return tables, lines
+
+
+def frontier_table(table, steps: int):
+    """The rows an auto-step table's search recorded for ``steps`` steps at each shape (its entries'
+    ``metrics.steps_search.frontier``): what ``--steps auto`` ships where a target is first reached at that
+    count, so an arm can show what fewer (or more) steps than the table chose do to the loss."""
+    entries = {}
+    for entry in table.entries:
+        frontier = (entry.metrics or {}).get("steps_search", {}).get("frontier", [])
+        point = next((p for p in frontier if p.get("steps") == steps), None)
+        if point is None:
+            found = sorted(p.get("steps") for p in frontier)
+            raise CalibrationError(
+                f"--frontier-steps {steps}: table {table.name}@{table.version} records no {steps}-step rows "
+                f"for {entry.shape[0]}x{entry.shape[1]} (its frontier has steps {found or 'none'})"
+            )
+        metrics = {
+            "validation_error": point["validation_error"],
+            "baselines": entry.metrics.get("baselines", {}),
+        }
+        entries[entry.shape] = {"coefficients": point["coefficients"], "metrics": metrics}
+    return CoefficientTable.create(
+        name=f"{table.name}-k{steps}",
+        default_rows=table.default,
+        scale=table.normalization.scale,
+        eps=table.normalization.eps,
+        entries=entries,
+        provenance={"source": f"{table.name}@{table.version} metrics.steps_search.frontier", "steps": steps},
+    )
 
 
 def ns_matmul_flops(shape: tuple[int, int], steps: int) -> int:
@@ -1001,6 +1033,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--auto-target", default=DEFAULT_AUTO_TARGET, help="root-calibrate --target for the auto-step table"
     )
     calib.add_argument(
+        "--frontier-steps",
+        type=int,
+        help=f"{AUTO_ARM}: run the auto table's frontier rows at this many steps instead of its choice",
+    )
+    calib.add_argument(
         "--svd-dtype", default="float64", choices=("float64", "float32"), help=f"{SVD_ARM}'s SVD"
     )
     loop = parser.add_argument_group(f"closed loop ({RECORDED_ARM}, {ONLINE_ARM})")
@@ -1076,6 +1113,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--lrs {args.lrs!r}: expected comma-separated numbers, e.g. {DEFAULT_LRS}")
     if not all(0 < lr < 1 for lr in args.lrs):
         parser.error(f"--lrs {args.lrs}: every lr must be in (0, 1)")
+    if args.frontier_steps is not None and args.frontier_steps < 1:
+        parser.error(f"--frontier-steps must be at least 1, got {args.frontier_steps}")
     args.record_lr = args.record_lr or args.lrs[len(args.lrs) // 2]
     if not 0 < args.record_lr < 1:
         parser.error(f"--record-lr {args.record_lr}: must be in (0, 1)")

@@ -210,6 +210,36 @@ def test_auto_table_must_list_the_models_shapes(train_compare, tmp_path):
         tiny_context(train_compare, tmp_path, "--arms", "ROOT auto-steps", "--auto-table", str(table))
 
 
+def frontier_entry(rows_by_steps: dict) -> dict:
+    """A table entry as --steps auto writes it: its chosen rows, and the rows it recorded per k."""
+    frontier = [
+        {"steps": k, "validation_error": 0.1 * k, "coefficients": [list(r) for r in rows]}
+        for k, rows in rows_by_steps.items()
+    ]
+    return {
+        "coefficients": rows_by_steps[max(rows_by_steps)],
+        "metrics": {"steps_search": {"frontier": frontier}},
+    }
+
+
+def test_frontier_steps_runs_the_rows_the_search_recorded(train_compare, tmp_path):
+    frontier = {2: [MUON_ROW, CLASSIC_ROW], 3: [MUON_ROW, MUON_ROW, CLASSIC_ROW]}
+    table = hand_auto_table(
+        tmp_path, {(16, 16): frontier_entry(frontier), (16, 48): frontier_entry(frontier)}
+    )
+    extra = ("--arms", "ROOT auto-steps", "--auto-table", str(table))
+    _, ctx, lines = tiny_context(train_compare, tmp_path, *extra, "--frontier-steps", "2")
+    assert ctx.tables["auto"].schedule_for((48, 16)).rows == (MUON_ROW, CLASSIC_ROW)
+    assert any(
+        "rows at 2 steps (`--frontier-steps`)" in line and "16×16: 2 steps (0.40× the FLOPs of 5)" in line
+        for line in lines
+    )
+    message = "--frontier-steps 4: table hand-auto@1 records no 4-step rows for 16x16 "
+    message += "(its frontier has steps [2, 3])"
+    with pytest.raises(train_compare.CalibrationError, match=re.escape(message)):
+        tiny_context(train_compare, tmp_path, *extra, "--frontier-steps", "4")
+
+
 def test_new_arms_start_from_the_same_model_and_data(train_compare, tmp_path):
     """Paired by seed: at a negligible lr every arm's first loss is the seed's initial loss, alike."""
     table = hand_auto_table(tmp_path, {(16, 16): [MUON_ROW] * 3, (16, 48): [MUON_ROW] * 2})
