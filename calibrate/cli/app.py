@@ -25,6 +25,8 @@ Examples:
 
   root-calibrate --arch llama-3.2-1b --name llama-3.2-1b --samples 24
 
+  root-calibrate --arch qwen2.5-0.5b --steps auto --target 0.1
+
   root-calibrate --config path/to/config.json --real momentum/ --out my_tables/
 
   root-calibrate harvest --shapes 1024x4096 --count 8 --out harvest.safetensors
