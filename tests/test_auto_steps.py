@@ -35,6 +35,7 @@ from root_core import ROOT, CoefficientTable, load_table, orthogonalize, save_ta
 from root_core.schedule import Schedule
 
 runner = CliRunner()
+MUON_ROW = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default triple (docs/design.md §2)
 
 
 def invoke(args: list[str]):
@@ -159,6 +160,16 @@ def test_the_fallback_check_compares_with_polar_express_at_the_fitted_count(tmp_
     assert fallback["reason"] == "validation spectral error 0.5000 > 0.4000"
 
 
+def test_each_k_also_starts_from_the_previous_ks_rows_in_its_own_form():
+    shared = fit_result(Schedule(rows=(MUON_ROW,), steps=3))
+    assert pipeline.previous_start(shared, 4, shared=True) == {
+        "auto:previous k": Schedule(rows=(MUON_ROW,), steps=4)
+    }
+    per_step = pipeline.previous_start(fit_result(Schedule(rows=(MUON_ROW,) * 3, steps=3)), 4, shared=False)
+    assert len(per_step["auto:previous k"].rows) == 4  # three fitted rows and their continuation
+    assert pipeline.previous_start(None, 2, shared=False) is None
+
+
 # ---- ROOT runs each shape's own count; ns_steps overrides ---------------------------------------
 
 
@@ -242,9 +253,6 @@ def test_a_tiny_auto_run_records_the_frontier_and_the_chosen_count_root_runs(tmp
 
 
 # ---- the frontier in plot and report ------------------------------------------------------------
-
-
-MUON_ROW = (3.4445, -4.7750, 2.0315)
 
 
 @pytest.fixture
