@@ -464,7 +464,10 @@ def test_close_abandons_a_fit_in_flight(tmp_path):
     recalibrator = OnlineRecalibrator(out=tmp_path, fit=FitSettings(iterations=200))
     future = recalibrator.submit(request_for("muon", low_rank_spectra(40, 64), shape=(64, 256)))
     recalibrator.close()  # returns without waiting for the fit
-    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+    # Running in the worker, the fit dies with it (BrokenProcessPool); still queued (the worker was slow to
+    # start on a loaded machine), it is cancelled. Either way no rows come back and nothing is written.
+    abandoned = (concurrent.futures.process.BrokenProcessPool, concurrent.futures.CancelledError)
+    with pytest.raises(abandoned):
         future.result()
     assert not (tmp_path / "muon-online").exists()
 
