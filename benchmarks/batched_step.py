@@ -37,18 +37,11 @@ from collections.abc import Callable
 
 import torch
 from results import publish
+from timing import load_average
 from torch import nn
 
 import root_core.optimizer
 from root_core import ROOT
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def llama_shapes(layers: int, hidden: int, ffn: int) -> list[tuple[int, int]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from results import publish
+from timing import load_average
 from torch import nn
 
 from calibrate.fit import FitSettings
@@ -38,14 +39,6 @@ from calibrate.online import OnlineRecalibrator
 from root_core import ROOT
 
 ARMS = ("record", "worker", "inline")
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 class TimedRecalibrator(OnlineRecalibrator):

@@ -109,6 +109,18 @@ class FitSettings:
     def shared(self) -> bool:
         return self.form == "shared"
 
+    def record(self) -> dict[str, object]:
+        """The settings a table's provenance records for its search (the fit result adds its own details)."""
+        return {
+            "backend": self.backend,
+            "form": self.form,
+            "steps": self.steps,
+            "max_gain": self.max_gain,
+            "seed": self.seed,
+            "iterations": self.iterations,
+            "criterion": self.criterion,
+        }
+
     @property
     def stress_baseline(self) -> str:
         return STRESS_BASELINES[self.form]
@@ -280,15 +292,9 @@ def _search_fit(
         evaluations=counter[0],
         seconds=time.perf_counter() - started,
         method={
-            "backend": settings.backend,
-            "form": settings.form,
-            "steps": settings.steps,
-            "max_gain": settings.max_gain,
-            "seed": settings.seed,
-            "iterations": settings.iterations,
+            **settings.record(),
             "bounds": [list(b) for b in bounds[:3]],
             "search_points": SEARCH_POINTS,
-            "criterion": settings.criterion,
             **({"stress_mode": settings.stress_mode} if settings.criterion == "robust" else {}),
             **method,
         },

@@ -373,7 +373,7 @@ def next_table(
             "step": request.step,
             "clip_quantile": request.clip_quantiles[0] if len(request.clip_quantiles) == 1 else None,
             "clip_quantiles": list(request.clip_quantiles),
-            "search": {**_method(settings.fit), "min_improvement": settings.min_improvement},
+            "search": {**settings.fit.record(), "min_improvement": settings.min_improvement},
             "sources": {format_shape(s): list(request.sources[s]) for s in sorted(changed)},
             "seconds": round(seconds, 3),
         },
@@ -400,18 +400,6 @@ def write_table(table: CoefficientTable, out: Path) -> tuple[Path, CoefficientTa
 
 def online_name(name: str) -> str:
     return name if name.endswith(ONLINE_SUFFIX) else f"{name}{ONLINE_SUFFIX}"
-
-
-def _method(settings: FitSettings) -> dict[str, Any]:
-    return {
-        "backend": settings.backend,
-        "form": settings.form,
-        "steps": settings.steps,
-        "max_gain": settings.max_gain,
-        "seed": settings.seed,
-        "iterations": settings.iterations,
-        "criterion": settings.criterion,
-    }
 
 
 def _mean(spectra: Tensor, schedule: Schedule) -> float:
