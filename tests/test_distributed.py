@@ -105,17 +105,22 @@ def single_process_run(seed: int = 0) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- workers (spawned processes)
 
 
+def join_gloo_group(rank: int, out: Path) -> None:
+    """One CPU thread, and this rank in a WORLD_SIZE gloo group that meets through a file in ``out``."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+
+
 def _worker(rank: int, scenario: str, out_dir: str) -> None:
     out = Path(out_dir)
     try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{out / 'store'}",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
+        join_gloo_group(rank, out)
         scenarios = {"ddp": _ddp_scenario, "fsdp": _fsdp_scenario, "independent": _independent_scenario}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DataParallelWarning)

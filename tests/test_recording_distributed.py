@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import (
-    COLLECTIVE_TIMEOUT,
     OPTIMIZER_SETTINGS,
     WORKER_TIMEOUT_S,
     WORLD_SIZE,
+    join_gloo_group,
     make_net,
     train,
 )
@@ -40,14 +40,7 @@ def make_optimizer(model: nn.Module, folder: Path, data_parallel: bool | None) -
 def _worker(rank: int, out_dir: str) -> None:
     out = Path(out_dir)
     try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{out / 'store'}",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
+        join_gloo_group(rank, out)
         model = nn.parallel.DistributedDataParallel(make_net(), find_unused_parameters=True)
         train(model, make_optimizer(model, out / "ddp", data_parallel=True), range(STEPS), rank, WORLD_SIZE)
 
