@@ -75,7 +75,15 @@ def frontier_for(key, args) -> tuple[dict, torch.Tensor]:
         spectra = [
             [cache.spectrum(s.matrix, clip_quantile=CLIP) for s in part] for part in (calibration, validation)
         ]
-        result = search_steps(key, *map(stack_spectra, spectra), request, quiet, stop_early=False)
+        real = [cache.spectrum(s.matrix, clip_quantile=CLIP) for s in samples if s.kind == "real"]
+        result = search_steps(
+            key,
+            *map(stack_spectra, spectra),
+            request,
+            quiet,
+            stop_early=False,
+            real=stack_spectra(real) if real else None,
+        )
     held = independent_samples(key, args.held)
     held_spectra = stack_spectra([normalized_spectrum(s.matrix, clip_quantile=CLIP) for s in held])
     return result.steps_search, held_spectra
@@ -116,7 +124,8 @@ def shape_rows(
     )
     frontier = [
         f"| {shape} | {p['steps']} | {ns_matmul_flops(key, p['steps']) / 1e9:.3f} | "
-        f"{p['validation_error']:.4f} | {p['shipped']} | {'yes' if p['reaches_target'] else 'no'} | "
+        f"{p['validation_error']:.4f} | {_error(p.get('real_momentum_error'))} | {p['shipped']} | "
+        f"{'yes' if p['reaches_target'] else 'no'} | "
         f"{ours[p['steps']]:.4f} | {pe_by_k[p['steps']]:.4f} | {p['fit_seconds']:.1f} |"
         for p in search["frontier"]
     ]
@@ -129,6 +138,10 @@ def mlp_shapes(args, keys) -> set:
             layer.key for layer in resolve_shapes(None, args.arch, None)[1] if layer.name.startswith("mlp.")
         }
     return {key for key in keys if max(key) >= MLP_ASPECT * min(key)}
+
+
+def _error(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _check(value: bool | None) -> str:
@@ -146,9 +159,10 @@ def fewest_steps_report(keys, args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     frontier = [
-        "| shape | k | GFLOPs per call | validation error (calibration) | shipped | reaches target "
-        "(validation + stress) | held-out error, ours | held-out error, Polar Express at k | fit (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | k | GFLOPs per call | validation error (calibration) | real momentum error (calibration) "
+        "| shipped | reaches target (validation + real + stress) | held-out error, ours "
+        "| held-out error, Polar Express at k | fit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in keys:
         started = time.perf_counter()

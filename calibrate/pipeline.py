@@ -275,7 +275,12 @@ def calibrate_shape(
 
     started = time.perf_counter()
     fitted = fit_shape(
-        key, [spectra[id(s)] for s in calibration], request, stages, [spectra[id(s)] for s in validation]
+        key,
+        [spectra[id(s)] for s in calibration],
+        request,
+        stages,
+        [spectra[id(s)] for s in validation],
+        real=[spectra[id(s)] for s in samples if s.kind == "real"],
     )
     seconds["fit"] = time.perf_counter() - started
 
@@ -300,12 +305,17 @@ def fit_shape(
     request: CalibrationRequest,
     stages: Stages,
     validation: list[Tensor] | None = None,
+    real: list[Tensor] | None = None,
 ) -> FitResult:
-    """The shape's rows from its calibration spectra; with --steps auto, also its validation spectra."""
+    """The shape's rows from its calibration spectra; with --steps auto, also its validation spectra and
+    the spectra of its real momentum samples (calibration and validation; an absolute target must hold
+    on them too, calibrate/steps.py)."""
     if request.target is not None:
         if not validation:
             raise CalibrationError("--steps auto needs validation spectra to choose a step count")
-        return search_steps(key, stack_spectra(spectra), stack_spectra(validation), request, stages)
+        momentum = stack_spectra(real) if real else None
+        validation_spectra = stack_spectra(validation)
+        return search_steps(key, stack_spectra(spectra), validation_spectra, request, stages, real=momentum)
     with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
         fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
         advance(1)
@@ -320,12 +330,14 @@ def search_steps(
     stages: Stages,
     *,
     stop_early: bool = True,
+    real: Tensor | None = None,
 ) -> FitResult:
     """--steps auto: rows for k = 2, 3, … on the same spectra, stopping at the first k that reaches the
     target; the fit at that k (or, where none does, at the k with the lowest validation error) carries
     the frontier in ``steps_search``. Each k is the fixed-k fit (robust criterion, bound) with
     ``auto_iterations`` generations, started also from the previous k's rows. ``stop_early=False`` fits
-    every k up to MAX_AUTO_STEPS (the whole frontier, for benchmarks); the choice is the same."""
+    every k up to MAX_AUTO_STEPS (the whole frontier, for benchmarks); the choice is the same. ``real``:
+    the shape's real momentum spectra, on which an absolute target must hold too (None: no real samples)."""
     assert request.target is not None
     settings = replace(request.fit, iterations=auto_iterations(request.fit.iterations))
     reference = settings.stress_baseline
@@ -340,6 +352,7 @@ def search_steps(
         if settings.criterion == "robust"
         else {},
         reference,
+        has_real=real is not None,
     )
     stressed = stress_spectra(calibration)
     frontier: list[FrontierPoint] = []
@@ -362,6 +375,7 @@ def search_steps(
                     bound=safety(rows, settings.max_gain).high,
                     rows=rows.rows,
                     seconds=fitted.seconds,
+                    real_error=None if real is None else mean_error(real, rows),
                 )
             )
             advance(1)

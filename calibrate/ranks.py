@@ -333,7 +333,10 @@ def fit_all(records: dict[ShapeKey, list[SampleRecord]], request: CalibrationReq
             records[key], request.validation_fraction, seed=request.seed
         )
         spectra = [r.spectrum for r in calibration]
-        fits[key] = pipeline.fit_shape(key, spectra, request, stages, [r.spectrum for r in validation])
+        real = [r.spectrum for r in records[key] if r.kind == "real"]
+        fits[key] = pipeline.fit_shape(
+            key, spectra, request, stages, [r.spectrum for r in validation], real=real
+        )
     return fits
 
 

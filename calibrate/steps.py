@@ -27,6 +27,13 @@ TARGET_SETS = ("polar-express", "muon")
 # reaches that precision sooner; a fixed number would instead ask square shapes, where every 5-step set
 # stalls near 0.3 (benchmarks/RESULTS.md, issue 10), for 8–10 steps, i.e. cost more than today's default.
 DEFAULT_TARGET = "polar-express"
+# An absolute target (a number) is a promise about the user's momentum, so it must also hold on the mean
+# error over the shape's real momentum samples (calibration and validation: a 16-sample run validates on
+# ~1 real sample). The mixed validation alone is too easy to promise it: its synthetic gaussian and
+# heavy-tailed samples are well conditioned at rectangular shapes (σ_min ≈ 0.4·σ_max at 896×4864), so
+# at 896×4864 qwen's 5-step rows scored 0.089 on validation, 0.128 on the real samples, and 0.178 on
+# independent held-out momentum (benchmarks/RESULTS.md, issue 14). Named targets compare with their set
+# on the same spectra, and the robust fit's stress sets cover deep tails, so they need no such level.
 # Equal errors count as reaching the target: Polar Express's own rows, shipped by the fallback with its
 # 1.02 scale folded into row 1 (docs/design.md §1.3), score its error up to float64 round-off.
 TARGET_TOLERANCE = 1e-9
@@ -103,6 +110,8 @@ class TargetLevels:
 
     validation: float
     stress: Mapping[str, float] = field(default_factory=dict)
+    # An absolute target's level on the shape's real momentum samples (note at the top); None: no level.
+    real: float | None = None
 
 
 def target_levels(
@@ -110,6 +119,7 @@ def target_levels(
     validation_errors: Mapping[str, float],
     stress_errors: Mapping[str, Mapping[str, float]],
     stress_reference: str,
+    has_real: bool = False,
 ) -> TargetLevels:
     """The levels a k must reach at one shape.
 
@@ -120,12 +130,15 @@ def target_levels(
     the level there is the number or the reference set's own 5-step stress error, whichever is larger:
     a k qualifies only if its rows are no less robust on deep tails than the published 5-step set
     (``stress_reference``: Polar Express per-step, Muon shared; a named target: that set).
+    Real momentum (``has_real``: the shape has real samples): an absolute target must also hold on their
+    mean error (note at the top); a named target compares with its set on the same spectra and needs none.
     """
     reference = target.reference or stress_reference
     validation = validation_errors[target.reference] if target.reference else target.value
     floor = target.value if target.value is not None else 0.0
     stress = {name: max(floor, error) for name, error in stress_errors.get(reference, {}).items()}
-    return TargetLevels(validation=float(validation), stress=stress)
+    real = target.value if target.value is not None and has_real else None
+    return TargetLevels(validation=float(validation), stress=stress, real=real)
 
 
 @dataclass(frozen=True)
@@ -139,9 +152,13 @@ class FrontierPoint:
     bound: float | None = None
     rows: tuple[tuple[float, float, float], ...] = ()  # the rows shipped at k (scale 1)
     seconds: float | None = None  # the fit's time at k
+    real_error: float | None = None  # the mean error on the shape's real momentum samples (None: none)
 
     def reaches(self, levels: TargetLevels) -> bool:
         if not self.validation_error <= levels.validation + TARGET_TOLERANCE:
+            return False
+        real = math.inf if self.real_error is None else self.real_error
+        if levels.real is not None and not real <= levels.real + TARGET_TOLERANCE:
             return False
         return all(
             self.stress_errors.get(name, math.inf) <= level + TARGET_TOLERANCE
@@ -179,6 +196,7 @@ def frontier_record(
         "target_meaning": target.describe(),
         "target_validation_error": levels.validation,
         "target_stress_errors": dict(levels.stress),
+        "target_real_momentum_error": levels.real,
         "chosen_steps": chosen,
         "reached": chosen is not None,
         # Fits run in increasing k and stop at the first k that reaches the target: larger k were not fitted.
@@ -190,6 +208,7 @@ def frontier_record(
                 "steps": p.steps,
                 "validation_error": p.validation_error,
                 "stress_errors": dict(p.stress_errors),
+                "real_momentum_error": p.real_error,
                 "shipped": p.shipped,
                 "bound": p.bound,
                 "flops": ns_matmul_flops(shape, p.steps),

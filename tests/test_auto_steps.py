@@ -99,6 +99,28 @@ def test_target_levels_from_a_number_or_a_named_set():
     assert target_levels(parse_target("0.1"), validation, {}, "polar-express").stress == {}
 
 
+def test_an_absolute_target_must_hold_on_real_momentum_too():
+    # The 896x4864 case of benchmarks/RESULTS.md: 5 steps reach 0.1 on the mixed validation but not on
+    # the real momentum samples; 6 steps reach both.
+    frontier = [
+        FrontierPoint(steps=5, validation_error=0.089, real_error=0.128),
+        FrontierPoint(steps=6, validation_error=0.020, real_error=0.043),
+    ]
+    levels = target_levels(parse_target("0.1"), {"polar-express": 0.09}, {}, "polar-express", has_real=True)
+    assert levels == TargetLevels(validation=0.1, real=0.1)
+    assert choose_steps(frontier, levels) == 6
+    # Without real samples (--ratio 0:1) the level is absent and validation decides.
+    assert choose_steps(frontier, TargetLevels(validation=0.1)) == 5
+    # A point that did not measure real momentum cannot count as reaching a real level.
+    assert not FrontierPoint(steps=6, validation_error=0.02).reaches(levels)
+
+
+def test_a_named_target_sets_no_real_momentum_level():
+    validation = {"polar-express": 0.09, "muon": 0.2}
+    levels = target_levels(parse_target("polar-express"), validation, {}, "polar-express", has_real=True)
+    assert levels.real is None
+
+
 def test_steps_to_reach_reads_a_baseline_frontier():
     assert steps_to_reach({5: 0.1, 6: 0.08, 7: 0.05}, 0.09) == 6
     assert steps_to_reach({5: 0.1, 6: 0.08}, 0.01) is None
@@ -252,6 +274,30 @@ def test_a_tiny_auto_run_records_the_frontier_and_the_chosen_count_root_runs(tmp
     assert f"16x48: {steps} steps reach the target" in result.output
 
 
+def test_an_absolute_target_is_checked_on_the_real_momentum_of_a_tiny_run(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    # Real momentum with a deep small-σ tail: rank 4 over noise 1e-4 smaller, harder than the synthetic mix.
+    matrices = {
+        f"layers.{i}.w": torch.randn(48, 4, generator=generator) @ torch.randn(4, 16, generator=generator)
+        + 1e-4 * torch.randn(48, 16, generator=generator)
+        for i in range(4)
+    }
+    momentum = tmp_path / "run.momentum.pt"
+    torch.save(matrices, momentum)
+    args = ["--shapes", "16x48", "--samples", "8", "--ratio", "1:1", "--iterations", "8", "--quiet"]
+    out = ["--out", str(tmp_path), "--name", "real-auto", "--no-cache", "--check-samples", "1"]
+    result = invoke([*args, *out, "--real", str(momentum), "--steps", "auto", "--target", "0.2"])
+    assert result.exit_code == 0, result.output
+    search = load_table(Path(result.output.strip().splitlines()[-1])).entry((16, 48)).metrics["steps_search"]
+    assert search["target_real_momentum_error"] == 0.2
+    for point in search["frontier"]:
+        assert point["reaches_target"] == (
+            point["validation_error"] <= 0.2 + 1e-9
+            and point["real_momentum_error"] <= 0.2 + 1e-9
+            and all(e <= search["target_stress_errors"][n] + 1e-9 for n, e in point["stress_errors"].items())
+        )
+
+
 # ---- the frontier in plot and report ------------------------------------------------------------
 
 
@@ -337,7 +383,7 @@ def test_auto_steps_benchmark_reports_every_k_on_independent_momentum(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     summary = [line for line in lines if line.startswith("| 16x48 |") and line.count("|") == 12]
-    frontier = [line for line in lines if line.startswith("| 16x48 |") and line.count("|") == 10]
+    frontier = [line for line in lines if line.startswith("| 16x48 |") and line.count("|") == 11]
     assert len(summary) == 1 and [line.split(" | ")[1] for line in frontier] == [str(k) for k in range(2, 11)]
     # 16x48 is 3× as long as wide: the MLP check applies (met or missed, never "—").
     assert summary[0].rstrip(" |").split(" | ")[-1] in ("met", "**missed**")
