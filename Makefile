@@ -41,7 +41,7 @@ tables: ## regenerate the bundled calibrated tables in coeff_tables/ (next free 
 	$(MAKE) tables-auto
 
 # <arch>-auto: per shape the fewest steps (2-10) that reach the default target, Polar Express's 5-step
-# error (calibrate/steps.py). One architecture: make tables-auto TABLE_ARCHS=qwen2.5-0.5b
+# error (calibrate/fitting/steps.py). One architecture: make tables-auto TABLE_ARCHS=qwen2.5-0.5b
 tables-auto: ## the bundled auto-step tables alone (next free version each)
 	for arch in $(TABLE_ARCHS); do $(CALIBRATE) --arch $$arch --name $$arch-auto --steps auto \
 		--out coeff_tables || exit 1; done

@@ -1,10 +1,10 @@
 """--steps auto on momentum calibration never saw, and its calibration time (issue 14).
 
 Fewest steps (default): per shape, the same search ``root-calibrate --steps auto --target T`` runs
-(``calibrate.pipeline.search_steps``, on the calibration harvest + synthetic mix from ``--cache``), but
-continued to 10 steps so the whole frontier is known; the chosen k is the one the CLI picks (the first
-that reaches the target; the fits up to it are the CLI's, bit for bit). Then every k's rows, Polar
-Express extended by its last row at k = 1…10, Muon (5) and You (6) are scored on the *independent*
+(``calibrate.fitting.pipeline.search_steps``, on the calibration harvest + synthetic mix from
+``--cache``), but continued to 10 steps so the whole frontier is known; the chosen k is the one the CLI
+picks (the first that reaches the target; the fits up to it are the CLI's, bit for bit). Then every k's
+rows, Polar Express extended by its last row at k = 1…10, Muon (5) and You (6) are scored on the *independent*
 held-out momentum of ``benchmarks/precision.py`` (post-LN GQA probes, Muon without Nesterov and AdamW,
 the torch sources, seed 1), clipped as ROOT clips. It reports, per shape: whether the chosen k reaches
 the target there, or whether any k ≤ 10 does; how many steps Polar Express needs for the same error;
@@ -36,13 +36,19 @@ from precision import INDEPENDENT_COUNT, held_out_corpus, independent_samples
 from results import publish
 
 from calibrate.cli import default_cache_dir
-from calibrate.objective import mean_error, stack_spectra
-from calibrate.pipeline import CalibrationRequest, collect_samples, search_steps
+from calibrate.fitting.objective import mean_error, stack_spectra
+from calibrate.fitting.pipeline import CalibrationRequest, collect_samples, search_steps
+from calibrate.fitting.steps import (
+    MAX_AUTO_STEPS,
+    auto_iterations,
+    ns_matmul_flops,
+    parse_target,
+    steps_to_reach,
+)
 from calibrate.progress import stages
 from calibrate.sampling.mix import train_validation_split
 from calibrate.shapes import format_shape, parse_shapes, resolve_shapes
 from calibrate.spectra import SpectrumCache, normalized_spectrum
-from calibrate.steps import MAX_AUTO_STEPS, auto_iterations, ns_matmul_flops, parse_target, steps_to_reach
 from root_core import load_table
 from root_core.schedule import Schedule
 

@@ -30,9 +30,9 @@ import torch
 from results import publish
 
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitSettings, compress
-from calibrate.objective import mean_error
-from calibrate.pipeline import (
+from calibrate.fitting.fit import FitSettings, compress
+from calibrate.fitting.objective import mean_error
+from calibrate.fitting.pipeline import (
     CalibrationRequest,
     check_matrices,
     fit_shape,

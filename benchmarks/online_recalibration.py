@@ -34,8 +34,8 @@ from results import publish
 from timing import load_average
 from torch import nn
 
-from calibrate.fit import FitSettings
-from calibrate.online import OnlineRecalibrator
+from calibrate.fitting.fit import FitSettings
+from calibrate.fitting.online import OnlineRecalibrator
 from root_core import ROOT
 
 ARMS = ("record", "worker", "inline")

@@ -114,7 +114,7 @@ def heartbeat_cost(args, server, spectra) -> dict[str, list[float]]:
     """One in-process search, storage opened without and with a heartbeat, alternating; seconds each."""
     import optuna
 
-    from calibrate import fit as fitting
+    from calibrate.fitting import fit as fitting
 
     plain_open = fitting._open_storage
     times: dict[str, list[float]] = {"off": [], "on": []}

@@ -43,7 +43,7 @@ from results import publish
 from calibrate.cli import default_cache_dir
 from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors
-from calibrate.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
+from calibrate.fitting.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
 from calibrate.sampling import Sample
 from calibrate.sampling.harvest import cached_harvest, resolve_steps
 from calibrate.sampling.probes import HELD_OUT_PROBES, OPTIMIZERS

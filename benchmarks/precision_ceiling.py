@@ -41,8 +41,8 @@ from results import publish
 
 from calibrate.cli import default_cache_dir
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitSettings, fit
-from calibrate.objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN, sample_errors, stack_spectra
+from calibrate.fitting.fit import FitSettings, fit
+from calibrate.fitting.objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN, sample_errors, stack_spectra
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
 from root_core import load_table

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from calibrate.fit import FitSettings, fit
-from calibrate.objective import mean_error, stack_spectra, stress_sets
+from calibrate.fitting.fit import FitSettings, fit
+from calibrate.fitting.objective import mean_error, stack_spectra, stress_sets
 from calibrate.sampling.mix import train_validation_split
 from calibrate.sampling.synthetic import synthetic_samples
 from calibrate.shapes import format_shape, parse_shapes

@@ -7,7 +7,8 @@ under variants of its stress sets, then scored on the independent held-out momen
 phase/optimizer group's error relative to Polar Express, and the share of the headroom captured,
 (PE − fit) / (PE − oracle), with the oracle a mean fit on the independent matrices themselves.
 
-Variants (the stress sets are module constants of calibrate/objective.py; a variant swaps them for one fit):
+Variants (the stress sets are module constants of calibrate/fitting/objective.py; a variant swaps them
+for one fit):
 ``mean`` no stress sets; ``all`` the default (tail ×0.1, tail ×0.01, low-rank); ``tails`` without the
 low-rank set; ``x0.1`` the ×0.1 tail only; ``low-rank`` the low-rank set only; ``lr0.1`` the low-rank set
 at ×0.1 instead of ×0.01.
@@ -26,10 +27,10 @@ from types import SimpleNamespace
 import torch
 from precision import INDEPENDENT_COUNT, held_out_corpus, independent_groups, independent_samples
 
-from calibrate import objective
 from calibrate.cli import default_cache_dir
-from calibrate.fit import FitSettings, fit
-from calibrate.pipeline import CalibrationRequest, collect_samples
+from calibrate.fitting import objective
+from calibrate.fitting.fit import FitSettings, fit
+from calibrate.fitting.pipeline import CalibrationRequest, collect_samples
 from calibrate.progress import Stages
 from calibrate.sampling.mix import train_validation_split
 from calibrate.shapes import format_shape, parse_shapes

@@ -20,8 +20,9 @@ Issue 12's closed loop, opt-in too: ``ROOT recorded`` first trains one run (the 
 ``muon`` table) recording what Newton–Schulz receives every ``--record-every`` steps, calibrates on those
 recordings alone (``root-calibrate --real DIR --ratio 1:0``) and trains with that table; ``ROOT online``
 starts from ``muon`` and refits its rows every ``--recalibrate-every`` steps on what it has recorded so far
-(``calibrate.online.OnlineRecalibrator``). Their reported runs record too, so the report gives each table's
-error on the runs' own momentum next to the loss, and the recorder's share of the training time.
+(``calibrate.fitting.online.OnlineRecalibrator``). Their reported runs record too, so the report gives
+each table's error on the runs' own momentum next to the loss, and the recorder's share of the training
+time.
 
     .venv/bin/python benchmarks/train_compare.py --record         # CPU defaults, ~25 min on 2 shared cores
     .venv/bin/python benchmarks/train_compare.py --steps 100 --seeds 2 --lrs 0.004,0.008
@@ -53,8 +54,8 @@ from results import publish
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from calibrate.corpus import load_corpus, split_corpus
 from calibrate.errors import CalibrationError
+from calibrate.sampling.corpus import load_corpus, split_corpus
 from root_core import ROOT, root_param_groups
 from root_core.outliers import clip_to_quantile
 from root_core.recording import MomentumRecorder, RecordingError
@@ -288,8 +289,8 @@ def make_optimizer(
     kind, extra = (ExactPolarROOT, {"svd_dtype": ctx.svd_dtype}) if arm == SVD_ARM else (ROOT, {})
     if arm == ONLINE_ARM:
         # Imported here, for this arm only: the fit brings in scipy and optuna (seconds of import).
-        from calibrate.fit import FitSettings
-        from calibrate.online import OnlineRecalibrator
+        from calibrate.fitting.fit import FitSettings
+        from calibrate.fitting.online import OnlineRecalibrator
 
         record_dir = record_dir or Path(tempfile.mkdtemp(prefix="online_", dir=ctx.scratch))
         extra = {
@@ -773,7 +774,7 @@ def arm_tables(shapes: list[tuple[int, int]], args) -> tuple[dict[str, object], 
         lines.append(
             f"{ONLINE_ARM}: ROOT from `{START_TABLE}` (q=0.9) recording every {args.record_every} steps and "
             f"refitting its rows every {args.recalibrate_every} steps on what it recorded "
-            f"(calibrate.online.OnlineRecalibrator, {args.online_iterations} iterations, applied "
+            f"(calibrate.fitting.online.OnlineRecalibrator, {args.online_iterations} iterations, applied "
             f"{args.recalibrate_every} steps after launch, only where better on held-out recorded spectra)."
         )
     return tables, lines

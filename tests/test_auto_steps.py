@@ -14,12 +14,13 @@ from conftest import SHAPES
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from calibrate import pipeline, plots
+from calibrate.analysis import plots
 from calibrate.cli import app, with_default_command
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitResult
-from calibrate.objective import mean_error, safety
-from calibrate.steps import (
+from calibrate.fitting import pipeline
+from calibrate.fitting.fit import FitResult
+from calibrate.fitting.objective import mean_error, safety
+from calibrate.fitting.steps import (
     MAX_AUTO_STEPS,
     FrontierPoint,
     Target,
@@ -318,7 +319,7 @@ def auto_table(tmp_path) -> Path:
 
 
 def test_the_frontier_frame_has_every_set_at_its_counts_with_flops_and_errors(auto_table):
-    from calibrate import frontier, precision
+    from calibrate.analysis import frontier, precision
 
     analysis = precision.analyse([str(auto_table)], against=[], shapes="16x48", count=2, check_samples=0)
     frame = frontier.frontier_frame(analysis, (16, 48))

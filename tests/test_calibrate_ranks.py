@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from calibrate import pipeline, ranks
 from calibrate.cli import app, resolve_device, with_default_command
 from calibrate.errors import CalibrationError
+from calibrate.fitting import pipeline, ranks
 from calibrate.sampling.synthetic import synthetic_samples
 from root_core.distributed import assign_owners
 

@@ -11,8 +11,8 @@ from conftest import MUON, POLAR_EXPRESS
 
 from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors, polar_factor
-from calibrate.fit import FitSettings, compress, fit, fold_scale, start_schedules
-from calibrate.objective import mean_error, penalised_objective, safety
+from calibrate.fitting.fit import FitSettings, compress, fit, fold_scale, start_schedules
+from calibrate.fitting.objective import mean_error, penalised_objective, safety
 from calibrate.spectra import SpectrumCache, normalized_spectrum
 from root_core import orthogonalize
 from root_core.outliers import clip_to_quantile

@@ -13,8 +13,9 @@ from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from calibrate import cli, pipeline
+from calibrate import cli
 from calibrate.cli import app, with_default_command
+from calibrate.fitting import pipeline
 from calibrate.sampling.synthetic import DEFAULT_MIX
 from root_core import ROOT, load_table
 

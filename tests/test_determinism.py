@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from calibrate.determinism import pinned_threads
-from calibrate.fit import FitSettings
-from calibrate.pipeline import CalibrationRequest, fit_shape
+from calibrate.fitting.fit import FitSettings
+from calibrate.fitting.pipeline import CalibrationRequest, fit_shape
 from calibrate.progress import Stages
 from calibrate.sampling.harvest import harvest
 from calibrate.spectra import normalized_spectrum

@@ -9,8 +9,8 @@ import torch
 from conftest import MUON, POLAR_EXPRESS
 from typer.testing import CliRunner
 
-from calibrate import pipeline
 from calibrate.cli import app, with_default_command
+from calibrate.fitting import pipeline
 from root_core import orthogonalize
 from root_core.tables import CoefficientTable, load_table
 

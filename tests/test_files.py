@@ -147,7 +147,8 @@ def test_every_file_is_written_through_the_one_helper():
 
 
 def test_constants_are_defined_once():
-    from calibrate import fit, pipeline, precision
+    from calibrate.analysis import precision
+    from calibrate.fitting import fit, pipeline
     from root_core import newton_schulz, optimizer, schedule, tables
 
     assert newton_schulz.DEFAULT_EPS is schedule.DEFAULT_EPS and tables.DEFAULT_EPS is schedule.DEFAULT_EPS

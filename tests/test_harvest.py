@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from calibrate import corpus as corpus_module
 from calibrate.cli import app
-from calibrate.corpus import default_corpus_files, load_corpus, split_corpus
 from calibrate.errors import CalibrationError
+from calibrate.sampling import corpus as corpus_module
 from calibrate.sampling import harvest as harvest_module
+from calibrate.sampling.corpus import default_corpus_files, load_corpus, split_corpus
 from calibrate.sampling.harvest import (
     HARVEST_FORMAT,
     MUON_MOMENTUM,

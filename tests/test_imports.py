@@ -1,4 +1,5 @@
-"""The calibrate package's module-level imports form no cycle (a cycle makes import order matter)."""
+"""The calibrate package's module-level imports form no cycle (a cycle makes import order matter), and its
+stages import only the stages before them: sampling → fitting → analysis, with the CLI over all three."""
 
 from __future__ import annotations
 
@@ -89,3 +90,75 @@ def test_every_command_is_registered_whichever_cli_module_is_imported_first():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["calibrate", "harvest", "list", "plot", "report", "show"]
+
+
+# ---- stages: sampling → fitting → analysis, with a thin CLI over them ------------------------------------
+
+# A stage may import the stages before it and the shared modules at calibrate/'s top level, never one after
+# it; the top-level modules are shared by every stage and import none. Function-level imports count too.
+STAGES = ("calibrate.sampling", "calibrate.fitting", "calibrate.analysis")
+SHARED_MAY_NOT_IMPORT = (*STAGES, "calibrate.cli")
+
+
+def forbidden_for(name: str) -> tuple[str, ...]:
+    for i, stage in enumerate(STAGES):
+        if name == stage or name.startswith(stage + "."):
+            return STAGES[i + 1 :]
+    if name.count(".") == 1 and name not in ("calibrate.__main__", "calibrate.cli"):
+        return SHARED_MAY_NOT_IMPORT  # a shared top-level module, e.g. calibrate.errors
+    return ()
+
+
+def all_imports(name: str, source: str, is_package: bool) -> set[str]:
+    """Every module ``name`` names in an import statement, anywhere in the file (lazy imports too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(name, is_package, node.level, node.module)
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from .. import fitting`
+    return found
+
+
+def stage_violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """``module -> target`` for each import that breaks the stage order.
+
+    ``sources``: module name -> (its code, whether it is a package's ``__init__``)."""
+    return [
+        f"{name} -> {target}"
+        for name, (source, is_package) in sorted(sources.items())
+        for target in sorted(all_imports(name, source, is_package))
+        if any(target == banned or target.startswith(banned + ".") for banned in forbidden_for(name))
+    ]
+
+
+def test_stages_import_only_earlier_stages():
+    sources = {
+        name: (path.read_text(), path.name == "__init__.py")
+        for name, path in modules().items()
+        if name.startswith("calibrate")
+    }
+    assert set(STAGES) <= set(sources), "a stage package is missing"
+    assert stage_violations(sources) == []
+
+
+def test_the_stage_checker_finds_a_backward_import():
+    sources = {
+        "calibrate.sampling.harvest": ("from ..fitting.fit import fit\n", False),
+        "calibrate.fitting.pipeline": ("def f():\n    from ..analysis import precision\n", False),
+        "calibrate.fitting.fit": ("from calibrate.analysis.report import x\n", False),
+        "calibrate.errors": ("from . import fitting\n", False),
+        "calibrate.analysis.plots": ("from ..fitting.steps import k\nfrom ..sampling import Sample\n", False),
+        "calibrate.cli.analysis": ("from ..analysis.precision import analyse\n", False),
+    }
+    assert stage_violations(sources) == [
+        "calibrate.errors -> calibrate.fitting",
+        "calibrate.fitting.fit -> calibrate.analysis.report",
+        "calibrate.fitting.fit -> calibrate.analysis.report.x",
+        "calibrate.fitting.pipeline -> calibrate.analysis",
+        "calibrate.fitting.pipeline -> calibrate.analysis.precision",
+        "calibrate.sampling.harvest -> calibrate.fitting.fit",
+        "calibrate.sampling.harvest -> calibrate.fitting.fit.fit",
+    ]

@@ -1,7 +1,8 @@
 """Online recalibration (issue 12, item 4): ROOT refits its rows on its own recorded spectra while training.
 
-root_core/recalibration.py holds the schedule (when a fit starts and when its rows apply); calibrate/online.py
-the fit itself. Sizes are tiny and the searches short (3 generations), so each test takes seconds.
+root_core/recalibration.py holds the schedule (when a fit starts and when its rows apply);
+calibrate/fitting/online.py the fit itself. Sizes are tiny and the searches short (3 generations), so each
+test takes seconds.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import pytest
 import torch
 from torch import nn
 
-import calibrate.online as online
+import calibrate.fitting.online as online
 from calibrate.determinism import pinned_threads
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitSettings
-from calibrate.objective import safety, sample_errors
-from calibrate.online import OnlineRecalibrator, OnlineSettings, held_out_split, recalibrate, write_table
-from calibrate.pipeline import baseline_rows
+from calibrate.fitting.fit import FitSettings
+from calibrate.fitting.objective import safety, sample_errors
+from calibrate.fitting.online import (
+    OnlineRecalibrator,
+    OnlineSettings,
+    held_out_split,
+    recalibrate,
+    write_table,
+)
+from calibrate.fitting.pipeline import baseline_rows
 from root_core import ROOT
 from root_core.recalibration import (
     RecalibrationRequest,
@@ -475,8 +482,8 @@ def test_close_abandons_a_fit_in_flight(tmp_path):
 UNGUARDED_SCRIPT = """
 import sys, torch
 from torch import nn
-from calibrate.fit import FitSettings
-from calibrate.online import OnlineRecalibrator
+from calibrate.fitting.fit import FitSettings
+from calibrate.fitting.online import OnlineRecalibrator
 from root_core import ROOT
 print("training", flush=True)
 torch.manual_seed(0)

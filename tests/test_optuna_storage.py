@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 from calibrate.errors import CalibrationError
-from calibrate.fit import FitSettings, _study_name, fit, start_schedules
+from calibrate.fitting.fit import FitSettings, _study_name, fit, start_schedules
 from calibrate.spectra import normalized_spectrum
 
 ITERATIONS = 2  # a budget of 20 finished trials, 7 of them the published starts (shared form)

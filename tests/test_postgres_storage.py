@@ -23,9 +23,9 @@ from optuna.trial import TrialState
 from postgres_server import PASSWORD, running_server
 from typer.testing import CliRunner
 
-from calibrate import pipeline
 from calibrate.cli import app, with_default_command
-from calibrate.fit import start_schedules
+from calibrate.fitting import pipeline
+from calibrate.fitting.fit import start_schedules
 from root_core.tables import BUNDLED_TABLES_DIR, load_table
 
 ITERATIONS = 3  # a budget of 30 finished trials per study, 7 of them the published starts (shared form)

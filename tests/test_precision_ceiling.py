@@ -104,7 +104,7 @@ def test_stress_variant_restricts_and_restores_the_stress_sets(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from stress_variants import stress_variant
 
-    from calibrate import objective
+    from calibrate.fitting import objective
     from calibrate.sampling.synthetic import synthetic_sample
     from calibrate.spectra import normalized_spectrum
 

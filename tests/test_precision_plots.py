@@ -1,4 +1,5 @@
-"""Precision vs SVD: the numbers (calibrate.precision), the figures, the plot/report/show/list commands."""
+"""Precision vs SVD: the numbers (calibrate.analysis.precision), the figures, the plot/report/show/list
+commands."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from typer.testing import CliRunner
 
-from calibrate import plots, precision
+from calibrate.analysis import plots, precision
+from calibrate.analysis.plots import PLOT_SAMPLES_NOTE
+from calibrate.analysis.report import SAMPLES_NOTE
 from calibrate.cli import app, with_default_command
 from calibrate.evaluate import matrix_errors, polar_factor
-from calibrate.plots import PLOT_SAMPLES_NOTE
-from calibrate.report import SAMPLES_NOTE
 from calibrate.sampling.harvest import harvest, load_harvest, save_harvest
 from calibrate.spectra import clipped
 from root_core.tables import CoefficientTable, load_table, save_table

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from calibrate.cli import app, with_default_command
-from calibrate.objective import sample_errors
+from calibrate.fitting.objective import sample_errors
 from calibrate.sampling.base import Sample
 from calibrate.sampling.harvest import save_harvest
 from calibrate.spectra import normalized_spectrum

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from calibrate.analysis.real_report import REAL_TITLE, STEPS_TITLE
 from calibrate.cli import app, with_default_command
-from calibrate.objective import sample_errors
-from calibrate.real_report import REAL_TITLE, STEPS_TITLE
+from calibrate.fitting.objective import sample_errors
 from calibrate.sampling.real import load_real_samples
 from calibrate.sampling.recorded import SpectrumSample, normalized
 from calibrate.spectra import normalized_spectrum

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import MUON, POLAR_EXPRESS
 
-from calibrate.fit import FitSettings, fit, start_schedules
-from calibrate.objective import (
+from calibrate.fitting.fit import FitSettings, fit, start_schedules
+from calibrate.fitting.objective import (
     STRESS_TOLERANCE,
     mean_error,
     pushed_tail,

@@ -94,7 +94,7 @@ def test_calibrate_writes_to_the_user_folder_and_prints_the_table_spec(monkeypat
 
 
 def test_list_names_the_folder_a_table_loads_from_and_what_it_hides():
-    from calibrate.report import list_tables
+    from calibrate.analysis.report import list_tables
 
     save_table(CoefficientTable.create(name="muon", default_rows=OTHER), user_tables_dir())
     rows = list_tables().set_index("name")

@@ -1,4 +1,4 @@
-"""``root-calibrate``: a thin typer layer over ``calibrate.pipeline`` and the sample harvester.
+"""``root-calibrate``: a thin typer layer over ``calibrate.fitting.pipeline`` and the sample harvester.
 
 Every domain error becomes one line on stderr and exit code 1; nothing is written before the inputs
 have been checked, and the table is written once, atomically, at the very end.
@@ -18,11 +18,12 @@ from rich.table import Table
 from root_core.schedule import DEFAULT_NS_STEPS
 from root_core.tables import TableError, table_spec_for, user_tables_dir
 
-from .. import ranks
 from ..errors import CalibrationError
-from ..fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
-from ..objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
-from ..pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
+from ..fitting import ranks
+from ..fitting.fit import BACKENDS, FIT_CRITERIA, SCHEDULE_FORMS, FitSettings
+from ..fitting.objective import DEFAULT_MAX_GAIN, ROUNDING_MARGIN
+from ..fitting.pipeline import CalibrationRequest, ShapeResult, check_calibration_inputs, real_origins
+from ..fitting.steps import DEFAULT_TARGET, Target, parse_steps, parse_target
 from ..progress import stages
 from ..sampling.mix import parse_ratio
 from ..sampling.probes import DEFAULT_PROBES, parse_probes
@@ -30,7 +31,6 @@ from ..sampling.real import validate_real_paths
 from ..sampling.recorded import recorded_shapes
 from ..sampling.synthetic import FAMILIES
 from ..shapes import format_shape, parse_shapes, resolve_shapes
-from ..steps import DEFAULT_TARGET, Target, parse_steps, parse_target
 from .app import EXAMPLES, app, check_out_dir, err, fail, out, print_error, resolve_device
 
 PROBES_HELP = (
@@ -227,7 +227,8 @@ def calibrate_command(
         check_out_dir(out_dir)
         return request
 
-    # Under torchrun every rank runs this (calibrate/ranks.py); rank 0 alone prints, and writes the table.
+    # Under torchrun every rank runs this (calibrate/fitting/ranks.py); rank 0 alone prints, and writes the
+    # table.
     with ranks.joined() as team:
         code = calibrate_as(team, checked_request, quiet)
     if code:

@@ -11,10 +11,15 @@ from typing import Annotated
 
 import typer
 
-from ..errors import CalibrationError
-from ..precision import DEFAULT_BASELINES, DEFAULT_COUNT, SAMPLE_SOURCES, Analysis, analyse, parse_baselines
-from ..progress import stages
-from ..report import (
+from ..analysis.precision import (
+    DEFAULT_BASELINES,
+    DEFAULT_COUNT,
+    SAMPLE_SOURCES,
+    Analysis,
+    analyse,
+    parse_baselines,
+)
+from ..analysis.report import (
     REPORT_FORMATS,
     format_frontier,
     format_sampled_report,
@@ -23,6 +28,8 @@ from ..report import (
     load_for_show,
     show_table,
 )
+from ..errors import CalibrationError
+from ..progress import stages
 from ..shapes import format_shape
 from .app import app, check_out_dir, err, fail, out, resolve_device
 
@@ -112,7 +119,7 @@ def plot_command(
     ] = None,
 ) -> None:
     """Per shape: error vs iterations, transfer curve P(σ), error over training (harvest samples)."""
-    from ..plots import write_figures  # matplotlib loads only for this command
+    from ..analysis.plots import write_figures  # matplotlib loads only for this command
 
     try:
         if fmt not in FIGURE_FORMATS:
@@ -155,13 +162,13 @@ def report_command(
     ] = False,
 ) -> None:
     """Mean / p95 error (float64 spectral, bf16 matrix), bound on (0, 1], steps, ratio to each baseline."""
-    from ..precision import report_frame
+    from ..analysis.precision import report_frame
 
     try:
         if fmt not in REPORT_FORMATS:
             raise CalibrationError(f"invalid --format '{fmt}': expected one of {', '.join(REPORT_FORMATS)}")
         if real:
-            from ..real_report import real_report_text
+            from ..analysis.real_report import real_report_text
 
             text, warnings = real_report_text(tables, real, fmt, real_is_momentum, resolve_device(device))
             print(text, flush=True)
@@ -180,8 +187,8 @@ def report_command(
 
 
 def frontier_section(analysis: Analysis, fmt: str) -> str:
-    """Error vs FLOPs per shape, the numbers of the plot's flops figure (calibrate.frontier)."""
-    from ..frontier import frontier_report_frame, target_levels
+    """Error vs FLOPs per shape, the numbers of the plot's flops figure (calibrate.analysis.frontier)."""
+    from ..analysis.frontier import frontier_report_frame, target_levels
 
     targets = {format_shape(item.shape): target_levels(analysis, item.shape) for item in analysis.shapes}
     return format_frontier(frontier_report_frame(analysis), targets, fmt)

@@ -15,8 +15,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .. import ranks
 from ..errors import CalibrationError
+from ..fitting import ranks
 
 EXAMPLES = """
 Examples:

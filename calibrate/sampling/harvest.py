@@ -34,10 +34,10 @@ from torch.nn import functional as F
 
 from root_core.files import write_atomically
 
-from ..corpus import load_corpus
 from ..determinism import deterministic
 from ..errors import CalibrationError
 from .base import Sample
+from .corpus import load_corpus
 from .probes import (
     DEFAULT_PROBES,
     OPTIMIZERS,

@@ -22,8 +22,8 @@ from root_core.tables import (
     table_search_path,
 )
 
-from .errors import CalibrationError
-from .shapes import format_shape
+from ..errors import CalibrationError
+from ..shapes import format_shape
 
 REPORT_FORMATS = ("table", "csv", "markdown", "json")
 # Four significant digits: errors differ between tables in the second digit, and bf16 noise is ~1e-3.

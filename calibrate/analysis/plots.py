@@ -3,7 +3,7 @@
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot, so nothing depends on a display
 or on the global backend (headless on a server; still shown inline in a notebook). Each ``plot_*``
 function draws into a figure from :func:`new_figure` and returns the DataFrame it drew, taken from
-``calibrate.precision``, the same numbers ``root-calibrate report`` prints.
+``calibrate.analysis.precision``, the same numbers ``root-calibrate report`` prints.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from matplotlib.lines import Line2D
 
 from root_core.files import write_atomically
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
+from ..shapes import format_shape
 from .precision import (
     BAND_QUANTILES,
     BF16,
@@ -34,7 +35,6 @@ from .precision import (
     training_frame,
     transfer_frame,
 )
-from .shapes import format_shape
 
 FORMATS = ("png", "svg", "pdf")
 # 10 × 6 in at 110 dpi: a 1100 × 660 PNG, readable on a laptop screen and in a notebook cell.
@@ -248,9 +248,9 @@ def plot_training(fig: Figure, analysis: Analysis, shape: ShapeKey) -> pd.DataFr
 
 
 def plot_flops(fig: Figure, analysis: Analysis, shape: ShapeKey) -> pd.DataFrame:
-    """Mean float64 error against matmul FLOPs per Newton–Schulz call (calibrate.frontier): each set's
-    points at its step counts, labelled with k, a star at the count it runs (an auto table: the chosen k),
-    and each auto table's target as a dotted line."""
+    """Mean float64 error against matmul FLOPs per Newton–Schulz call (calibrate.analysis.frontier): each
+    set's points at its step counts, labelled with k, a star at the count it runs (an auto table: the chosen
+    k), and each auto table's target as a dotted line."""
     from .frontier import frontier_frame, target_levels  # frontier imports precision, as plots does
 
     drawn = frontier_frame(analysis, shape)

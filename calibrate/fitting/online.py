@@ -5,8 +5,8 @@ ROOT (``root_core.recalibration``) decides *when*: it pools the spectra its reco
 steps later. This module decides *what*, with the CLI's own pieces (docs/design.md §7):
 
 1. per shape, the recorded spectra are split: every 4th in recording order is held out (so each phase of
-   the run is in both parts), the rest are fitted with ``calibrate.fit.fit`` (the same bound and robust
-   criterion as ``root-calibrate``; the table's current rows are one more start point);
+   the run is in both parts), the rest are fitted with ``calibrate.fitting.fit.fit`` (the same bound and
+   robust criterion as ``root-calibrate``; the table's current rows are one more start point);
 2. on the held-out spectra, fitted rows that lose to the baseline fall back to its rows
    (``pipeline.baseline_check`` and ``pipeline.baseline_rows``, as the CLI does);
 3. the candidate replaces the current rows only if it beats them on the held-out spectra by at least
@@ -43,12 +43,12 @@ from root_core.recalibration import RecalibrationRequest, RecalibrationResult
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, TableError, load_table, save_table, user_tables_dir, utc_now
 
-from .determinism import deterministic
-from .errors import CalibrationError
+from ..determinism import deterministic
+from ..errors import CalibrationError
+from ..shapes import format_shape
 from .fit import FitResult, FitSettings, fit, fold_scale
 from .objective import safety, sample_errors
 from .pipeline import CalibrationRequest, baseline_check, baseline_rows
-from .shapes import format_shape
 
 # One in HELD_OUT_EVERY recorded spectra of a shape is held out to decide the swap (25%, the CLI's
 # default validation fraction).

@@ -18,9 +18,19 @@ import calibrate
 from root_core.schedule import Schedule
 from root_core.tables import BASELINE_TABLES, CoefficientTable, load_table, next_version, save_table
 
-from .determinism import deterministic
-from .errors import CalibrationError
-from .evaluate import matrix_errors
+from ..determinism import deterministic
+from ..errors import CalibrationError
+from ..evaluate import matrix_errors
+from ..progress import Stages
+from ..sampling import Sample
+from ..sampling.harvest import cached_harvest, harvest_run_steps, resolve_steps
+from ..sampling.mix import reject_non_finite, split_counts, train_validation_split
+from ..sampling.probes import parse_probes
+from ..sampling.real import load_real_samples
+from ..sampling.recorded import check_recorded_clip, check_recorded_shapes, recorded_step
+from ..sampling.synthetic import family_cycle, synthetic_samples
+from ..shapes import LayerShape, format_shape
+from ..spectra import SpectrumCache
 from .fit import STRESS_BASELINES, FitResult, FitSettings, check_storage, fit, fold_scale
 from .objective import (
     Safety,
@@ -32,16 +42,6 @@ from .objective import (
     stress_spectra,
     tail_statistics,
 )
-from .progress import Stages
-from .sampling import Sample
-from .sampling.harvest import cached_harvest, harvest_run_steps, resolve_steps
-from .sampling.mix import reject_non_finite, split_counts, train_validation_split
-from .sampling.probes import parse_probes
-from .sampling.real import load_real_samples
-from .sampling.recorded import check_recorded_clip, check_recorded_shapes, recorded_step
-from .sampling.synthetic import family_cycle, synthetic_samples
-from .shapes import LayerShape, format_shape
-from .spectra import SpectrumCache
 from .steps import (
     MAX_AUTO_STEPS,
     MIN_AUTO_STEPS,
@@ -85,9 +85,10 @@ class CalibrationRequest:
     validation_fraction: float = 0.25
     check_samples: int = 2
     command: str = ""
-    ranks: int = 1  # torchrun processes sharing the work (calibrate/ranks.py)
+    ranks: int = 1  # torchrun processes sharing the work (calibrate/fitting/ranks.py)
     keep_fitted: bool = False  # --keep-fitted: ship fitted rows even where they lose to the baseline
-    # --steps auto: the target each shape's step count must reach (calibrate/steps.py); None: fit.steps
+    # --steps auto: the target each shape's step count must reach (calibrate/fitting/steps.py);
+    # None: fit.steps
     target: Target | None = None
 
 
@@ -159,7 +160,7 @@ class ShapeResult:
         steps = self.schedule.num_steps
         return {
             "steps": steps,
-            "flops_per_call": ns_matmul_flops(self.key, steps),  # calibrate.steps.ns_matmul_flops
+            "flops_per_call": ns_matmul_flops(self.key, steps),  # calibrate.fitting.steps.ns_matmul_flops
             "calibration_error": (
                 self.fit.calibration_error if self.calibration_error is None else self.calibration_error
             ),
@@ -193,7 +194,7 @@ class ShapeResult:
 class SamplePlan:
     """Where a shape's samples come from, in sample order: files, then a harvest, then synthetic.
 
-    Sample ``i`` of a shape is the same matrix however the work is split (``calibrate/ranks.py``).
+    Sample ``i`` of a shape is the same matrix however the work is split (``calibrate/fitting/ranks.py``).
     """
 
     key: ShapeKey

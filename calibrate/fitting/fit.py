@@ -24,7 +24,7 @@ from torch import Tensor
 from root_core.schedule import Schedule
 from root_core.tables import PUBLISHED_TABLES, load_table
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 from .objective import (
     DEFAULT_MAX_GAIN,
     LOW_RANK_FACTOR,
@@ -137,7 +137,8 @@ class FitResult:
     method: dict[str, object] = field(default_factory=dict)
     # The stress sets' errors next to the baseline's, and the price in mean error (``robust_report``).
     robust: dict[str, object] = field(default_factory=dict)
-    # --steps auto: the target, the frontier (errors and FLOPs per k) and the chosen k (calibrate/steps.py).
+    # --steps auto: the target, the frontier (errors and FLOPs per k) and the chosen k
+    # (calibrate/fitting/steps.py).
     steps_search: dict[str, object] = field(default_factory=dict)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 __all__ = [
     "DEFAULT_CORPUS_NAME",

@@ -22,13 +22,13 @@ from root_core.recording import is_recording
 from root_core.schedule import Schedule
 from root_core.tables import CoefficientTable, TableError, load_table
 
-from .errors import CalibrationError
-from .evaluate import matrix_errors
-from .objective import sample_errors, stack_spectra, tail_statistics
-from .sampling import real
-from .sampling.recorded import read_spectra
-from .shapes import format_shape
-from .spectra import clipped, normalized_spectrum
+from ..errors import CalibrationError
+from ..evaluate import matrix_errors
+from ..fitting.objective import sample_errors, stack_spectra, tail_statistics
+from ..sampling import real
+from ..sampling.recorded import read_spectra
+from ..shapes import format_shape
+from ..spectra import clipped, normalized_spectrum
 
 # The baselines every table is scored against (bundled tables, docs/design.md §2).
 REAL_BASELINES = ("muon", "polar-express")

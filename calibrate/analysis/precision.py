@@ -32,15 +32,15 @@ from root_core.tables import (
     load_table,
 )
 
-from .errors import CalibrationError
-from .evaluate import polar_factor, relative_matrix_error
-from .objective import DEFAULT_MAX_GAIN, sample_errors
-from .sampling import Sample
-from .sampling.harvest import HARVEST_FORMAT, harvest, load_harvest
-from .sampling.real import load_real_samples
-from .sampling.synthetic import synthetic_samples
-from .shapes import format_shape, parse_shapes
-from .spectra import clipped, normalized_spectrum
+from ..errors import CalibrationError
+from ..evaluate import polar_factor, relative_matrix_error
+from ..fitting.objective import DEFAULT_MAX_GAIN, sample_errors
+from ..sampling import Sample
+from ..sampling.harvest import HARVEST_FORMAT, harvest, load_harvest
+from ..sampling.real import load_real_samples
+from ..sampling.synthetic import synthetic_samples
+from ..shapes import format_shape, parse_shapes
+from ..spectra import clipped, normalized_spectrum
 
 ShapeKey = tuple[int, int]
 Advance = Callable[[int], None]

@@ -4,7 +4,8 @@
 Each coefficient set is a point per step count it runs: Muon at 5, Polar Express at 5–10 (its last row
 repeated), You's set at 6, and a calibrated table at its own count, or, where its entry records an auto
 search (``--steps auto``), at every k of the frontier. Cost is the matmul FLOPs of one Newton–Schulz call
-(``calibrate.steps.ns_matmul_flops``); error the mean float64 spectral error on the analysis's samples.
+(``calibrate.fitting.steps.ns_matmul_flops``); error the mean float64 spectral error on the analysis's
+samples.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import pandas as pd
 from root_core.schedule import Schedule
 from root_core.tables import load_table
 
-from .objective import sample_errors
+from ..fitting.objective import sample_errors
+from ..fitting.steps import ns_matmul_flops
+from ..shapes import format_shape
 from .precision import REPORT_QUANTILE, Analysis, Entrant, ShapeKey
-from .shapes import format_shape
-from .steps import ns_matmul_flops
 
 # The published points: the counts each set is run at in practice (Polar Express: its 5 steps and the
 # longer runs issue 14 compares with, up to DeepSeek-V4's 10).

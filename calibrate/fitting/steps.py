@@ -5,7 +5,7 @@ calibration spectra (computed once per shape), scores each k's rows on the valid
 the robust fit, on its stress sets, and keeps the first k that reaches the target. The errors per k are
 the shape's *frontier*, recorded in the table next to each k's matmul FLOPs (``ns_matmul_flops``).
 
-Pure functions here (targets, the choice of k, FLOPs); ``calibrate.pipeline`` runs the fits.
+Pure functions here (targets, the choice of k, FLOPs); ``calibrate.fitting.pipeline`` runs the fits.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 # The step counts searched: 1 step cannot lift σ ≈ 1e-3 to 1 under the bound (a ≤ 9.5 per row), and 10
 # is the longest published schedule (DeepSeek-V4).
@@ -126,8 +126,8 @@ def target_levels(
     ``validation_errors``: each named set's 5-step mean error on the validation spectra;
     ``stress_errors``: set → stress set → its 5-step error there (empty without the robust fit).
     Validation: the number, or the named set's error. Stress: the stress sets are worst cases built to be
-    harder than real spectra (``calibrate.objective``), where even 10 fitted steps barely reach 0.1, so
-    the level there is the number or the reference set's own 5-step stress error, whichever is larger:
+    harder than real spectra (``calibrate.fitting.objective``), where even 10 fitted steps barely reach 0.1,
+    so the level there is the number or the reference set's own 5-step stress error, whichever is larger:
     a k qualifies only if its rows are no less robust on deep tails than the published 5-step set
     (``stress_reference``: Polar Express per-step, Muon shared; a named target: that set).
     Real momentum (``has_real``: the shape has real samples): an absolute target must also hold on their

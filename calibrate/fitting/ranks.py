@@ -38,16 +38,16 @@ from torch import Tensor
 from root_core.distributed import assign_owners
 from root_core.tables import TableError, save_table
 
+from ..errors import CalibrationError
+from ..progress import Stages
+from ..sampling import Sample
+from ..sampling.harvest import DEFAULT_TOKENS_PER_STEP, resolve_steps
+from ..sampling.mix import reject_non_finite, train_validation_split
+from ..sampling.synthetic import family_at, synthetic_sample
+from ..shapes import format_shape
+from ..spectra import SpectrumCache
 from . import pipeline
-from .errors import CalibrationError
 from .pipeline import CalibrationRequest, SamplePlan, ShapeKey, ShapeResult
-from .progress import Stages
-from .sampling import Sample
-from .sampling.harvest import DEFAULT_TOKENS_PER_STEP, resolve_steps
-from .sampling.mix import reject_non_finite, train_validation_split
-from .sampling.synthetic import family_at, synthetic_sample
-from .shapes import format_shape
-from .spectra import SpectrumCache
 
 T = TypeVar("T")
 # Ranks legitimately wait as long as the slowest rank's share (a harvest is ~2 min per shape on a CPU)
