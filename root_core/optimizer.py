@@ -109,8 +109,8 @@ class ROOT(torch.optim.Optimizer):
             it runs eagerly and plain ``torch.compile`` breaks the graph around it.
         recalibrate, recalibrate_every, recalibrate_lag: online recalibration (needs recording). After
             every ``recalibrate_every``-th step the spectra recorded so far go to ``recalibrate.submit``
-            (``calibrate.online.OnlineRecalibrator``: the CLI's fit, in a worker process); its answer is
-            applied after exactly ``recalibrate_lag`` (default ``recalibrate_every``) more steps, waiting
+            (``calibrate.fitting.online.OnlineRecalibrator``: the CLI's fit, in a worker process); its answer
+            is applied after exactly ``recalibrate_lag`` (default ``recalibrate_every``) more steps, waiting
             for it if needed, so the rows never depend on timing. ``opt.recalibrations`` logs each refit;
             ``state_dict()`` carries the table in use. See :mod:`root_core.recalibration`.
 

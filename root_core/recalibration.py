@@ -2,7 +2,7 @@
 
 ROOT depends on torch only and never imports ``calibrate`` (docs/design.md §7), so the fit is injected:
 a :class:`Recalibrator` is anything with ``submit(request) -> future``, where the future's ``result()``
-returns a :class:`RecalibrationResult`. ``calibrate.online.OnlineRecalibrator`` is the implementation
+returns a :class:`RecalibrationResult`. ``calibrate.fitting.online.OnlineRecalibrator`` is the implementation
 (the CLI's fit, stress sets and baseline fallback, in a worker process); tests may pass their own.
 
 What this module owns is the schedule, so that nothing depends on timing:
@@ -88,12 +88,12 @@ def check_recalibration_args(recalibrate: Any, every: Any, lag: Any) -> int | No
     if recalibrate is None:
         raise ValueError(
             f"recalibrate_every={every!r} needs recalibrate=: the object that fits the rows, e.g. "
-            "calibrate.online.OnlineRecalibrator()"
+            "calibrate.fitting.online.OnlineRecalibrator()"
         )
     if not callable(getattr(recalibrate, "submit", None)):
         raise ValueError(
             f"recalibrate must have a submit(request) method returning a future, got "
-            f"{type(recalibrate).__name__}; use calibrate.online.OnlineRecalibrator()"
+            f"{type(recalibrate).__name__}; use calibrate.fitting.online.OnlineRecalibrator()"
         )
     if every is None:
         raise ValueError("recalibrate= needs recalibrate_every=K: refit every K steps")
