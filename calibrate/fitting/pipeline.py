@@ -310,7 +310,7 @@ def fit_shape(
 ) -> FitResult:
     """The shape's rows from its calibration spectra; with --steps auto, also its validation spectra and
     the spectra of its real momentum samples (calibration and validation; an absolute target must hold
-    on them too, calibrate/steps.py)."""
+    on them too, calibrate/fitting/steps.py)."""
     if request.target is not None:
         if not validation:
             raise CalibrationError("--steps auto needs validation spectra to choose a step count")

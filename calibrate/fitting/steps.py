@@ -202,7 +202,7 @@ def frontier_record(
         # Fits run in increasing k and stop at the first k that reaches the target: larger k were not fitted.
         "searched_steps": [min(searched), max(searched)] if searched else [],
         "stopped_early": bool(searched) and max(searched) < MAX_AUTO_STEPS,
-        "flops_formula": "steps * (4*m*m*n + 2*m**3), m = min side (calibrate.steps.ns_matmul_flops)",
+        "flops_formula": "steps * (4*m*m*n + 2*m**3), m = min side (calibrate.fitting.steps.ns_matmul_flops)",
         "frontier": [
             {
                 "steps": p.steps,
