@@ -6,9 +6,10 @@ Fewest steps (default): per shape, the same search ``root-calibrate --steps auto
 picks (the first that reaches the target; the fits up to it are the CLI's, bit for bit). Then every k's
 rows, Polar Express extended by its last row at k = 1…10, Muon (5) and You (6) are scored on the *independent*
 held-out momentum of ``benchmarks/precision.py`` (post-LN GQA probes, Muon without Nesterov and AdamW,
-the torch sources, seed 1), clipped as ROOT clips. It reports, per shape: whether the chosen k reaches
-the target there, or whether any k ≤ 10 does; how many steps Polar Express needs for the same error;
-and the frontier per k with its matmul FLOPs.
+the torch sources, seed 1; ``--independent-set 2``: its second set, parallel multi-query probes, Muon at
+momentum 0.85 and AdamW at β1 0.8, package-metadata prose, seed 2), clipped as ROOT clips. It reports,
+per shape: whether the chosen k reaches the target there, or whether any k ≤ 10 does; how many steps
+Polar Express needs for the same error; and the frontier per k with its matmul FLOPs.
 
 Timing (``--timing N``): N fixed-step and N auto runs of the CLI on the same shapes and cache,
 alternating, and the median wall time of each.
@@ -183,7 +184,8 @@ def fewest_steps_report(keys, args) -> str:
         f"Command: `python benchmarks/auto_steps.py {shlex.join(sys.argv[1:])}`. The search of "
         f"`root-calibrate --steps auto --target {args.target}` (calibration harvest seed 0, stdlib, 1:3 mix, "
         f"{auto_iterations(args.iterations)} generations per k), continued to {MAX_AUTO_STEPS} steps; "
-        f"scored on {args.independent_count} independent held-out matrices per shape (precision.py's set). "
+        f"scored on {args.independent_count} independent held-out matrices per shape (precision.py's set "
+        f"{args.independent_set}). "
         "Polar Express beyond 5 steps repeats its last row. Errors: mean float64 spectral error.",
         "",
     ]
@@ -247,6 +249,9 @@ def parse_args() -> argparse.Namespace:
         "--held-out-cache", type=Path, default=default_cache_dir(), help="precision.py's cache"
     )
     parser.add_argument("--independent-count", type=int, default=INDEPENDENT_COUNT)
+    parser.add_argument(
+        "--independent-set", type=int, choices=(1, 2), default=1, help="precision.py's independent set"
+    )
     parser.add_argument("--steps", type=int, default=None, help="held-out harvest training steps")
     parser.add_argument("--harvest-steps", type=int, default=None, help="calibration harvest training steps")
     parser.add_argument("--timing", type=int, default=0, help="time N fixed and N auto CLI runs instead")

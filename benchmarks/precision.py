@@ -7,7 +7,11 @@ library), and synthetic matrices drawn with a seed no calibration uses (SYNTHETI
 corpus, and spans training: a post-LN grouped-query probe trained with Muon without Nesterov
 (momentum 0.9) and with AdamW at torch's defaults (``exp_avg``), recorded early, mid-way and late
 (``calibrate/sampling/probes.py``: HELD_OUT_PROBES). It is reported per shape, per phase and per
-optimizer, because another seed of the calibration harvester hides exactly where a table fails. Every matrix
+optimizer, because another seed of the calibration harvester hides exactly where a table fails.
+``--independent-set 2`` swaps in a second independent set that no table or rule was tuned on: a parallel
+(GPT-J/PaLM-style) multi-query probe with squared-ReLU MLP, trained with Muon at momentum 0.85 and with
+AdamW at β1 0.8 (SECOND_HELD_OUT_PROBES), seed 2, on the prose of the installed packages' METADATA and
+LICENSE files; the "held-out real" rows stay as they are. Every matrix
 is clipped as the optimizer clips it (q=0.9 unless the table says otherwise), then scored at each
 set's own step count (5; you-6step: 6): the float64 spectral error for every matrix, and the measured
 bf16 matrix error of ``orthogonalize`` against the SVD polar factor for the first ``--matrix-count``
@@ -22,6 +26,7 @@ Muon, Polar Express, ROOT paper, You 6-step, classic, ours shared and ours per-s
     python benchmarks/precision.py --leaderboard --table llama-2-7b --table llama-2-7b-shared \\
         --shapes 64x256,128x512,256x1024,4096x4096 --record
     python benchmarks/precision.py --table tiny --shapes 64x256 --count 4 --steps 40
+    python benchmarks/precision.py --table qwen2.5-0.5b --independent-set 2 --matrix-count 0
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,8 +52,9 @@ from calibrate.errors import CalibrationError
 from calibrate.evaluate import matrix_errors
 from calibrate.fitting.objective import ROUNDING_MARGIN, safety, sample_errors, stack_spectra
 from calibrate.sampling import Sample
+from calibrate.sampling.corpus import dist_info_corpus_files
 from calibrate.sampling.harvest import cached_harvest, resolve_steps
-from calibrate.sampling.probes import HELD_OUT_PROBES, OPTIMIZERS
+from calibrate.sampling.probes import HELD_OUT_PROBES, OPTIMIZERS, SECOND_HELD_OUT_PROBES
 from calibrate.sampling.synthetic import FAMILIES, synthetic_sample
 from calibrate.shapes import format_shape, parse_shapes
 from calibrate.spectra import normalized_spectrum
@@ -59,6 +67,7 @@ BASELINES = PUBLISHED_TABLES
 OURS_SHARED, OURS_PER_STEP = "ours shared", "ours per-step"
 COLUMNS = (*BASELINES, OURS_SHARED, OURS_PER_STEP)
 HELD_OUT_SEED = 1  # calibration harvests with seed 0
+SECOND_SET_SEED = 2  # the second independent set: neither calibration's seed nor the first set's
 # Samples cycle the 2 held-out probes × 3 phases (harvest.record_plan): 6 holds every pair once.
 INDEPENDENT_COUNT = 6
 # Calibration draws its synthetic samples with its own --seed (0 by default, small in practice); a
@@ -73,6 +82,32 @@ MISSING = "—"
 def held_out_corpus() -> Path:
     """Python source text that is on every machine with this toolkit, and not the standard library."""
     return Path(torch.__file__).parent
+
+
+@dataclass(frozen=True)
+class IndependentSet:
+    """What an independent held-out set is harvested from, and where its harvests are cached."""
+
+    probes: tuple[str, ...]
+    seed: int
+    folder: str  # under --cache; set 1 shares the held-out harvest's folder, as before set 2 existed
+    corpus_label: str  # how reports name the corpus
+    own_corpus: Callable[[], list[Path]] | None = None  # None: ``--corpus``, as the held-out harvest
+
+    def corpus(self, args) -> Path | list[Path]:
+        return self.own_corpus() if self.own_corpus is not None else args.corpus
+
+
+INDEPENDENT_SETS = {
+    1: IndependentSet(HELD_OUT_PROBES, HELD_OUT_SEED, "held-out-harvest", "the --corpus sources"),
+    2: IndependentSet(
+        SECOND_HELD_OUT_PROBES,
+        SECOND_SET_SEED,
+        "held-out-harvest-2",
+        "the installed packages' dist-info METADATA and LICENSE files",
+        dist_info_corpus_files,
+    ),
+}
 
 
 # ---- coefficient sets ------------------------------------------------------------------------------
@@ -119,10 +154,11 @@ def label(table: CoefficientTable) -> str:
     return f"{table.name}@{table.version}"
 
 
-def check_held_out(tables, corpus: Path) -> None:
+def check_held_out(tables, corpus: Path, independent: IndependentSet = INDEPENDENT_SETS[1]) -> None:
     """Refuse to score a table on the very momentum or synthetic stream it was calibrated on."""
     for table in tables:
-        trained = set(table.provenance.get("harvest_probes", [])) & set(HELD_OUT_PROBES)
+        held_out = {*HELD_OUT_PROBES, *independent.probes}
+        trained = set(table.provenance.get("harvest_probes", [])) & held_out
         if trained:
             raise SystemExit(
                 f"table {label(table)} was calibrated on {', '.join(sorted(trained))}: not held out"
@@ -151,19 +187,24 @@ def held_out_samples(key, args) -> list[Sample]:
     )
 
 
-def independent_samples(key, args) -> list[Sample]:
-    """Momentum from the held-out probes (another family and optimizers, ``--corpus``), early to late."""
+def independent_samples(key, args, which: int | None = None) -> list[Sample]:
+    """Momentum from the held-out probes of independent set ``which`` (default ``args.independent_set``,
+    else 1: another family, optimizers, seed and corpus than calibration), early to late."""
+    chosen = INDEPENDENT_SETS[which or getattr(args, "independent_set", 1)]
     count = args.independent_count
     return cached_harvest(
         key,
         count,
-        seed=HELD_OUT_SEED,
-        corpus=args.corpus,
-        steps=resolve_steps(key, count, args.steps, probes=HELD_OUT_PROBES),
+        seed=chosen.seed,
+        corpus=chosen.corpus(args),
+        steps=resolve_steps(key, count, args.steps, probes=chosen.probes),
         device="cpu",
-        folder=args.cache / "held-out-harvest" if args.cache is not None else None,
-        probes=HELD_OUT_PROBES,
+        folder=args.cache / chosen.folder if args.cache is not None else None,
+        probes=chosen.probes,
     )
+
+
+second_independent_samples = partial(independent_samples, which=2)
 
 
 def independent_groups(samples: list[Sample]) -> dict[str, list[int]]:
@@ -240,15 +281,21 @@ def header(args) -> list[str]:
         if args.leaderboard
         else ""
     )
+    independent = INDEPENDENT_SETS[args.independent_set]
+    where = (
+        "same seed and corpus"
+        if args.independent_set == 1
+        else f"seed {independent.seed}, corpus: {independent.corpus_label}"
+    )
     return [
         f"### {kind} — {dt.date.today()} — {machine} — torch {torch.__version__}",
         "",
         f"Command: `python benchmarks/precision.py {shlex.join(sys.argv[1:])}`. Held-out momentum: "
         f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}` sources (calibration: seed 0, stdlib)"
-        f"{synthetic}. Independent held-out momentum: {args.independent_count} per shape from probes "
-        f"{', '.join(HELD_OUT_PROBES)} (a family and optimizers calibration never trains), same seed and "
-        "corpus, early/mid/late snapshots. Clipped as ROOT clips; each set at its own step count (5; "
-        "you-6step: 6); errors relative to the exact polar factor.",
+        f"{synthetic}. Independent held-out momentum (set {args.independent_set}): "
+        f"{args.independent_count} per shape from probes {', '.join(independent.probes)} (a family and "
+        f"optimizers calibration never trains), {where}, early/mid/late snapshots. Clipped as ROOT clips; "
+        "each set at its own step count (5; you-6step: 6); errors relative to the exact polar factor.",
         "",
     ]
 
@@ -278,7 +325,8 @@ def run_long(keys, tables, args) -> str:
     columns = [*(label(t) for t in tables), *BASELINES]
     independent = [
         "",
-        "Independent held-out momentum, mean float64 spectral error per phase and optimizer "
+        f"Independent held-out momentum (set {args.independent_set}), mean float64 spectral error per "
+        "phase and optimizer "
         f"(bold: best in the row; {MISSING}: no entry for the shape):",
         "",
         f"| shape | samples | {' | '.join(columns)} |",
@@ -427,7 +475,19 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--matrix-count", type=int, default=1, help="of which checked with bf16 matrices")
     parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
-    parser.add_argument("--corpus", type=Path, default=held_out_corpus())
+    parser.add_argument(
+        "--independent-set",
+        type=int,
+        choices=tuple(INDEPENDENT_SETS),
+        default=1,
+        help="which independent held-out set (2: the second, that no table or rule was tuned on)",
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=held_out_corpus(),
+        help="held-out and independent set 1 corpus (set 2 always reads its own)",
+    )
     parser.add_argument("--leaderboard", action="store_true", help="sets side by side, plus synthetic rows")
     parser.add_argument("--synthetic-count", type=int, default=1, help="matrices per synthetic family")
     parser.add_argument(
@@ -464,7 +524,7 @@ def main() -> None:
         keys = shapes_to_score(args, tables)
     except (CalibrationError, ValueError, LookupError) as error:
         raise SystemExit(f"precision.py: {error}") from None
-    check_held_out(tables, args.corpus)
+    check_held_out(tables, args.corpus, INDEPENDENT_SETS[args.independent_set])
     report = run_leaderboard(keys, tables, args) if args.leaderboard else run_long(keys, tables, args)
     publish(report, args.record)
 

@@ -1,22 +1,24 @@
 """How good can any table be on held-out momentum? Fit directly on it, and compare with the published sets.
 
-A table calibrated elsewhere can at best match a schedule fitted on the held-out matrices themselves
-(same step count, same bound on P). That "oracle" is a lower bound on the held-out error of any
-calibrated table, so it says which precision targets are reachable at all: if the oracle per-step
-error is above half of Polar Express's, no calibration can reach "half of Polar Express" on that
-momentum. Held-out momentum and its cache are the ones ``precision.py`` uses: ``--set held-out`` (the
-calibration harvester's probes on another seed and corpus) or ``--set independent`` (probes of another
-family and optimizers, early to late). With ``--table``, each shape also gets that table's error and the
-share of the headroom it captures, (PE − ours) / (PE − oracle per-step): 1 is as good as any table can
-be, 0 no better than Polar Express, below 0 worse. With ``--robust-oracle``, each shape also gets the
-robust oracle: the default robust fit (Polar Express's error as a hard constraint on the stress sets of
-these matrices) run on the held-out matrices themselves, and its headroom, which is the most any robust
-table can capture there: a robust table fitted elsewhere can at best match it.
+A table calibrated elsewhere can at best match a schedule fitted on the held-out matrices themselves (same
+step count, same bound on P). That "oracle" is a lower bound on the held-out error of any calibrated
+table, so it says which precision targets are reachable at all: if the oracle per-step error is above half
+of Polar Express's, no calibration can reach "half of Polar Express" on that momentum. Held-out momentum
+and its cache are the ones ``precision.py`` uses: ``--set held-out`` (the calibration harvester's probes
+on another seed and corpus), ``--set independent`` (probes of another family and optimizers, early to
+late) or ``--set independent-2`` (precision.py's second independent set: another family, optimizers, seed
+and corpus again). With ``--table``, each shape also gets that table's error and the share of the headroom
+it captures, (PE − ours) / (PE − oracle per-step): 1 is as good as any table can be, 0 no better than
+Polar Express, below 0 worse. With ``--robust-oracle``, each shape also gets the robust oracle: the
+default robust fit (Polar Express's error as a hard constraint on the stress sets of these matrices) run
+on the held-out matrices themselves, and its headroom, which is the most any robust table can capture
+there: a robust table fitted elsewhere can at best match it.
 
     python benchmarks/precision_ceiling.py --shapes 2048x8192,4096x11008 --record
     python benchmarks/precision_ceiling.py --set independent --table qwen2.5-0.5b --shapes 896x4864
     python benchmarks/precision_ceiling.py --shapes 64x256 --count 2 --steps 20 --iterations 5
     python benchmarks/precision_ceiling.py --set independent --robust-oracle --shapes 128x896
+    python benchmarks/precision_ceiling.py --set independent-2 --robust-oracle --shapes 128x896
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ import datetime as dt
 import platform
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from precision import (
     HELD_OUT_SEED,
     INDEPENDENT_COUNT,
+    INDEPENDENT_SETS,
     MISSING,
     held_out_corpus,
     held_out_samples,
     independent_samples,
+    second_independent_samples,
 )
 from results import publish
 
@@ -50,7 +55,19 @@ from root_core import load_table
 CLIP_QUANTILE = 0.9  # what ROOT and the bundled tables use
 
 
-SETS = {"held-out": held_out_samples, "independent": independent_samples}
+SETS = {
+    "held-out": held_out_samples,
+    "independent": partial(independent_samples, which=1),
+    "independent-2": second_independent_samples,
+}
+
+
+def set_source(args) -> str:
+    """The harvest seed and corpus of the chosen set, for the report's header."""
+    if args.set == "independent-2":
+        second = INDEPENDENT_SETS[2]
+        return f"harvest seed {second.seed}, corpus: {second.corpus_label}"
+    return f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}`"
 
 
 def headroom(polar: float, ours: float, oracle: float) -> str:
@@ -106,7 +123,7 @@ def main() -> None:
         "--independent-count",
         type=int,
         default=INDEPENDENT_COUNT,
-        help="matrices per shape, --set independent",
+        help="matrices per shape, --set independent or independent-2",
     )
     parser.add_argument("--table", help="a calibrated table: its error and the headroom it captures")
     parser.add_argument("--steps", type=int, default=None, help="harvest training steps")
@@ -133,7 +150,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads) — torch {torch.__version__}",
         "",
         f"Command: `python benchmarks/precision_ceiling.py {shlex.join(sys.argv[1:])}`. {args.set} momentum: "
-        f"harvest seed {HELD_OUT_SEED}, corpus `{args.corpus.name}`, clipped at q={CLIP_QUANTILE}; 5 steps, "
+        f"{set_source(args)}, clipped at q={CLIP_QUANTILE}; 5 steps, "
         f"max P {args.max_gain} under the fit's {ROUNDING_MARGIN:.0%} rounding margin. Oracle = a schedule "
         "fitted on these very matrices under the same bound: no table can do better. Headroom captured = "
         "(PE − ours) / (PE − oracle per-step).",

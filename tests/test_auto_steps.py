@@ -363,11 +363,14 @@ def test_report_prints_the_frontier_under_its_table(auto_table):
 
 
 @pytest.mark.slow
-def test_auto_steps_benchmark_reports_every_k_on_independent_momentum(tmp_path):
+@pytest.mark.parametrize("independent_set", ["1", "2"])
+def test_auto_steps_benchmark_reports_every_k_on_independent_momentum(tmp_path, independent_set):
     from conftest import run_benchmark
 
     cache = str(tmp_path / "cache")
     args = [
+        "--independent-set",
+        independent_set,
         "--shapes",
         "16x48",
         "--target",
@@ -388,3 +391,6 @@ def test_auto_steps_benchmark_reports_every_k_on_independent_momentum(tmp_path):
     assert len(summary) == 1 and [line.split(" | ")[1] for line in frontier] == [str(k) for k in range(2, 11)]
     # 16x48 is 3× as long as wide: the MLP check applies (met or missed, never "—").
     assert summary[0].rstrip(" |").split(" | ")[-1] in ("met", "**missed**")
+    assert f"independent held-out matrices per shape (precision.py's set {independent_set})" in result.stdout
+    folder = "held-out-harvest" if independent_set == "1" else "held-out-harvest-2"
+    assert len(list((tmp_path / "cache" / folder).iterdir())) == 1

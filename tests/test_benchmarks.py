@@ -165,6 +165,48 @@ def test_precision_refuses_a_table_calibrated_on_the_independent_probes(tmp_path
 
 
 @pytest.mark.slow
+def test_precision_second_independent_set(tmp_path):
+    """--independent-set 2: the parallel probes, seed 2, the package-metadata prose, its own cache folder;
+    the held-out rows are the same harvest as without the option."""
+    table = CoefficientTable.create(
+        name="tiny", default_rows=(3.4445, -4.7750, 2.0315), entries={(16, 48): [(3.4445, -4.7750, 2.0315)]}
+    )
+    path = save_table(table, tmp_path)
+    cache = tmp_path / "cache"
+    args = ("--table", str(path), "--count", "2", "--steps", "8", "--corpus", str(BENCHMARKS))
+    args += ("--independent-set", "2", "--cache", str(cache))
+    out = run_script("precision.py", *args, tmp_path=tmp_path)
+    assert "Independent held-out momentum (set 2): 6 per shape from probes parallel-muon-warm, " in out
+    assert "seed 2, corpus: the installed packages' dist-info METADATA and LICENSE files" in out
+    assert "Independent held-out momentum (set 2), mean float64 spectral error" in out
+    for group in ("independent (6)", "independent early (2)", "independent late (2)", "independent muon (3)"):
+        assert f"| 16x48 | {group} |" in out
+    assert "| 16x48 | independent adamw (3) |" in out and "postln" not in out
+    # One harvest per folder: the held-out one where it always was, the second set's apart.
+    assert len(list((cache / "held-out-harvest").iterdir())) == 1
+    (second,) = (cache / "held-out-harvest-2").iterdir()
+    rows = [line for line in out.splitlines() if line.startswith("| 16x48 | independent")]
+    again = run_script("precision.py", *args, tmp_path=tmp_path)
+    assert [line for line in again.splitlines() if line.startswith("| 16x48 | independent")] == rows
+    assert list((cache / "held-out-harvest-2").iterdir()) == [second]  # read back, not harvested again
+
+
+def test_precision_refuses_a_table_calibrated_on_the_second_set_probes(tmp_path):
+    table = CoefficientTable.create(
+        name="leaky",
+        default_rows=(3.4445, -4.7750, 2.0315),
+        entries={(16, 48): [(3.4445, -4.7750, 2.0315)]},
+        provenance={"harvest_probes": ["parallel-muon-warm"]},
+    )
+    path = str(save_table(table, tmp_path))
+    result = run_benchmark("precision.py", "--table", path, "--independent-set", "2", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "table leaky@1 was calibrated on parallel-muon-warm: not held out"
+    )
+
+
+@pytest.mark.slow
 def test_harvest_tails_smoke(tmp_path):
     out = run_script(
         "harvest_tails.py", "--shapes", "16x48", "--steps", "8", "--probes", "gpt-adamw", tmp_path=tmp_path

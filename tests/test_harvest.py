@@ -145,7 +145,7 @@ def test_muon_without_nesterov_records_the_buffer_and_adamw_its_exp_avg():
     assert adamw.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt", "postln"])
+@pytest.mark.parametrize("family", ["llama", "gpt", "postln", "parallel"])
 @pytest.mark.parametrize("shape", [(32, 96), (24, 24), (16, 64)])
 def test_every_family_holds_the_target_shape_as_real_layers(family, shape):
     model = ProbeModel(family, shape)

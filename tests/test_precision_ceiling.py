@@ -66,6 +66,20 @@ def test_independent_set_and_headroom_of_a_table(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_second_independent_set(tmp_path):
+    args = ("--shapes", "16x48", "--set", "independent-2", "--independent-count", "2", "--steps", "8")
+    result = run(tmp_path, *args, "--iterations", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "independent-2 momentum: harvest seed 2, corpus: the installed packages' dist-info" in (
+        result.stdout
+    )
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 16x48 |"))
+    assert row.split(" | ")[1] == "2"
+    assert len(list((tmp_path / "cache" / "held-out-harvest-2").iterdir())) == 1
+    assert not (tmp_path / "cache" / "held-out-harvest").exists()
+
+
 def test_oracle_is_the_mean_fit(monkeypatch):
     """The oracle is the best mean error under the bound, not the robust fit's constrained optimum."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -6,7 +6,9 @@ fixed (sorted paths), so the same ``max_bytes`` always gives the same bytes, and
 
 from __future__ import annotations
 
+import os
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CalibrationError
@@ -15,6 +17,7 @@ __all__ = [
     "DEFAULT_CORPUS_NAME",
     "DEFAULT_MAX_BYTES",
     "default_corpus_files",
+    "dist_info_corpus_files",
     "load_corpus",
     "split_corpus",
 ]
@@ -28,6 +31,9 @@ DEFAULT_MAX_BYTES = 8 * 2**20
 EXCLUDED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
+# The package whose own metadata the prose corpus leaves out: ours, whose METADATA is this repository's
+# README as of the last install (it changes with the README, and it is text we wrote).
+OWN_DISTRIBUTION = "root_calibrate-"
 # A file whose first bytes hold a NUL is binary, not text (the rule git and grep use).
 BINARY_SNIFF_BYTES = 8192
 
@@ -40,17 +46,35 @@ def default_corpus_files() -> list[Path]:
     return sorted(kept, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_corpus(path: str | Path | None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
+def dist_info_corpus_files() -> list[Path]:
+    """English prose on every machine with this toolkit: the ``METADATA`` (package descriptions) and
+    ``LICENSE*`` files of the installed packages' ``*.dist-info`` folders, ours aside, sorted."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    files = [
+        p
+        for folder in root.glob("*.dist-info")
+        if not folder.name.startswith(OWN_DISTRIBUTION)
+        for p in folder.rglob("*")
+        if p.is_file() and (p.name == "METADATA" or p.name.upper().startswith(("LICENSE", "LICENCE")))
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_corpus(
+    path: str | Path | Sequence[Path] | None, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[bytes, str]:
     """Return up to ``max_bytes`` of corpus text and a short description for provenance.
 
     ``None`` is the standard library's sources ("stdlib"); a file is read as is; a folder gives all the
-    text files under it in sorted order. Missing, empty or unreadable input raises
-    :class:`CalibrationError` naming the path.
+    text files under it in sorted order; a list of files is read in its order. Missing, empty or
+    unreadable input raises :class:`CalibrationError` naming the path.
     """
     if max_bytes < 1:
         raise CalibrationError(f"corpus max_bytes must be at least 1, got {max_bytes}")
     if path is None:
         return _concatenate(default_corpus_files(), max_bytes), DEFAULT_CORPUS_NAME
+    if isinstance(path, (list, tuple)):
+        return _listed_corpus([Path(p) for p in path], max_bytes)
     where = Path(path).expanduser()
     if not where.exists():
         raise CalibrationError(f"corpus {str(path)!r} does not exist")
@@ -59,6 +83,13 @@ def load_corpus(path: str | Path | None, *, max_bytes: int = DEFAULT_MAX_BYTES) 
     if not data:
         raise CalibrationError(f"corpus {str(path)!r} holds no text")
     return data, str(where.resolve())
+
+
+def _listed_corpus(files: list[Path], max_bytes: int) -> tuple[bytes, str]:
+    data = _concatenate(files, max_bytes)
+    if not data:
+        raise CalibrationError(f"corpus of {len(files)} listed files holds no text")
+    return data, f"{len(files)} files under {os.path.commonpath([p.resolve() for p in files])}"
 
 
 def split_corpus(data: bytes, validation_fraction: float) -> tuple[bytes, bytes]:

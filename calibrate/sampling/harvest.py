@@ -112,9 +112,10 @@ CPU_BF16_FLOPS = 127e9
 # optimizer), relative to the byte-MLP probe these FLOP rates were set with, so that the budget means the
 # same wall time as before. Measured at 2048×5504 on the reference CPU (1 thread, 3 steps after the first,
 # the normalised twin): byte-MLP 1.89 s/step, gpt 2.20, llama 3.51 (gpt-adamw 1.94, llama-adamw 3.79),
-# against 1.00, 1.00 and 1.48× its FLOPs. postln is costed as gpt (the same GELU-type MLP and attention).
+# against 1.00, 1.00 and 1.48× its FLOPs. postln is costed as gpt (the same GELU-type MLP and attention),
+# and so is parallel (one up and one down matrix, an elementwise activation; not measured).
 # Building a probe (0.3 s) and its first step (within 10% of the next) add nothing worth a term.
-FAMILY_COST_FACTOR = {"gpt": 1.17, "llama": 1.26, "postln": 1.17}
+FAMILY_COST_FACTOR = {"gpt": 1.17, "llama": 1.26, "postln": 1.17, "parallel": 1.17}
 # How Muon-trained probes are trained. "muon": torch.optim.Muon. "nesterov": a stand-in with the same
 # momentum and Nesterov combination and the orthogonalisation replaced by a Frobenius normalisation to
 # the same update norm, so a step costs its forward/backward only. Measured at 1024×4096 after 40 steps
@@ -449,7 +450,7 @@ def run_harvest(
     count: int,
     *,
     seed: int,
-    corpus: str | Path | None = None,
+    corpus: str | Path | Sequence[Path] | None = None,
     steps: int | None = None,
     device: str | torch.device = "cpu",
     tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
@@ -517,7 +518,7 @@ def harvest(
     count: int,
     *,
     seed: int,
-    corpus: str | Path | None = None,
+    corpus: str | Path | Sequence[Path] | None = None,
     steps: int | None = None,
     device: str | torch.device = "cpu",
     tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
@@ -563,7 +564,7 @@ def cached_harvest(
     count: int,
     *,
     seed: int,
-    corpus: str | Path | None,
+    corpus: str | Path | Sequence[Path] | None,
     steps: int,
     device: str | torch.device,
     folder: Path | None,

@@ -13,6 +13,10 @@ the *targets* whose momentum is recorded.
 - ``postln`` (calibration never trains it; the independent held-out set of ``benchmarks/precision.py``
   does): LayerNorm *after* each residual add, as in the original Transformer and BERT, grouped-query
   attention (k and v with a quarter of q's heads, as in Mistral-style models), ReLU MLP.
+- ``parallel`` (calibration and the first independent set never train it; the second independent set
+  does): the parallel block of GPT-J and PaLM, one LayerNorm whose output feeds attention and MLP side by
+  side, both added to the residual; multi-query attention (k and v one head wide, as in PaLM), rotary
+  positions, squared-ReLU MLP (Primer, modded-nanogpt).
 
 Attention is w = a wide when the target is square (q/k/v/o are then a×a targets), else NARROW_WIDTH, so
 what is not a target costs little next to the targets (the CPU budget of a harvest is mostly the targets).
@@ -33,6 +37,7 @@ __all__ = [
     "FAMILIES",
     "HELD_OUT_PROBES",
     "OPTIMIZERS",
+    "SECOND_HELD_OUT_PROBES",
     "SEQ_LEN",
     "VOCAB",
     "OptimizerConfig",
@@ -53,7 +58,10 @@ SEQ_LEN = 64  # bytes per training sequence
 # 4096×11008 its q/k/v/o cost 0.6% of the MLP's matrices.
 NARROW_WIDTH = 64
 HEAD_DIM = 32  # per attention head (a narrower width w gives one head of w)
-FAMILIES = ("llama", "gpt", "postln")
+FAMILIES = ("llama", "gpt", "postln", "parallel")
+# Rotary positions, where the others learn a position embedding: GPT-J and PaLM, which the parallel
+# family stands for, both use rotary, so its attention sees positions as theirs does.
+ROTARY_FAMILIES = ("llama", "parallel")
 
 
 @dataclass(frozen=True)
@@ -83,11 +91,19 @@ OPTIMIZERS = {
     # shorter momentum window, and AdamW at torch's own defaults (lr 1e-3, betas (0.9, 0.999), decay 0.01).
     "muon-plain": OptimizerConfig("muon", lr=0.02, momentum=0.9, nesterov=False),
     "adamw-torch": OptimizerConfig("adamw", lr=1e-3, momentum=0.9, beta2=0.999, weight_decay=0.01),
+    # Held out a second time (benchmarks/precision.py --independent-set 2): settings neither calibration
+    # nor the first independent set trains with. "muon-warm": modded-nanogpt's Muon (lr 0.05, Nesterov),
+    # whose momentum warms up from 0.85 to 0.95 over its first 300 steps, held at 0.85: the shorter
+    # window of early training. "adamw-fast": β1 0.8 as modded-nanogpt's Adam, β2 0.99 as nanoGPT's
+    # small-model configs (few tokens per step, as here), GPT-3's weight decay 0.1, and lr 2e-3.
+    "muon-warm": OptimizerConfig("muon", lr=0.05, momentum=0.85),
+    "adamw-fast": OptimizerConfig("adamw", lr=2e-3, momentum=0.8, beta2=0.99, weight_decay=0.1),
 }
 # The calibration mix, in the order samples cycle through it: sample i is probe i mod 4, so any 2
 # samples hold both families and both optimizers, and 4 hold every pair (harvest.record_plan).
 DEFAULT_PROBES = ("llama-muon", "gpt-adamw", "gpt-muon", "llama-adamw")
 HELD_OUT_PROBES = ("postln-muon-plain", "postln-adamw-torch")
+SECOND_HELD_OUT_PROBES = ("parallel-muon-warm", "parallel-adamw-fast")
 
 
 def parse_probe(name: str) -> tuple[str, str]:
@@ -132,13 +148,23 @@ def _heads(width: int) -> int:
     return width // HEAD_DIM if width % HEAD_DIM == 0 else 1
 
 
+def _kv_width(family: str, w: int) -> int:
+    """Width of k and v: all heads (llama), one head (parallel: multi-query), else grouped-query."""
+    head_dim = w // _heads(w)
+    if family == "llama":
+        return w
+    if family == "parallel":
+        return head_dim
+    return _kv_heads(_heads(w)) * head_dim
+
+
 def _matrix_shapes(family: str, a: int, b: int) -> dict[str, tuple[int, int]]:
     """Every hidden matrix of the probe, as (out, in) = nn.Linear's weight shape."""
     w, f = _widths(family, a, b)
     if family == "gpt":
         attention = {"attn.qkv": (3 * w, a), "attn.o": (a, w)}
     else:
-        kv = w if family == "llama" else _kv_heads(_heads(w)) * (w // _heads(w))
+        kv = _kv_width(family, w)
         attention = {"attn.q": (w, a), "attn.k": (kv, a), "attn.v": (kv, a), "attn.o": (a, w)}
     mlp = {"mlp.up": (f, a), "mlp.down": (a, f)}
     if family == "llama":
@@ -192,8 +218,11 @@ class ProbeModel(nn.Module):
         self.heads = _heads(_widths(family, a, b)[0])
         norm = nn.RMSNorm if family == "llama" else nn.LayerNorm
         self.embed = nn.Embedding(VOCAB, a)
-        self.position = nn.Embedding(SEQ_LEN, a) if family != "llama" else None
-        self.norm_attn, self.norm_mlp, self.norm_out = norm(a), norm(a), norm(a)
+        self.position = nn.Embedding(SEQ_LEN, a) if family not in ROTARY_FAMILIES else None
+        # The parallel block normalises once, for attention and MLP alike.
+        self.norm_attn = norm(a)
+        self.norm_mlp = norm(a) if family != "parallel" else None
+        self.norm_out = norm(a)
         linears = {
             name: nn.Linear(n_in, n_out, bias=False)
             for name, (n_out, n_in) in _matrix_shapes(family, a, b).items()
@@ -209,6 +238,10 @@ class ProbeModel(nn.Module):
         if self.family == "postln":
             h = self.norm_attn(h + self._attention(h))
             h = self.norm_mlp(h + self._mlp(h))
+            return self.head(self.norm_out(h))
+        if self.family == "parallel":
+            normalized = self.norm_attn(h)
+            h = h + self._attention(normalized) + self._mlp(normalized)
             return self.head(self.norm_out(h))
         h = h + self._attention(self.norm_attn(h))
         h = h + self._mlp(self.norm_mlp(h))
@@ -226,7 +259,7 @@ class ProbeModel(nn.Module):
         head_dim = q.shape[-1] // self.heads
         kv_heads = k.shape[-1] // head_dim
         q, k, v = self._split(q, self.heads), self._split(k, kv_heads), self._split(v, kv_heads)
-        if self.family == "llama":
+        if self.family in ROTARY_FAMILIES:
             q, k = _rotary(q), _rotary(k)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != self.heads)
         return self.attn["o"](out.transpose(1, 2).flatten(2))
@@ -234,6 +267,8 @@ class ProbeModel(nn.Module):
     def _mlp(self, h: Tensor) -> Tensor:
         if self.family == "llama":
             return self.mlp["down"](F.silu(self.mlp["gate"](h)) * self.mlp["up"](h))
+        if self.family == "parallel":
+            return self.mlp["down"](F.relu(self.mlp["up"](h)).square())
         activation = F.gelu if self.family == "gpt" else F.relu
         return self.mlp["down"](activation(self.mlp["up"](h)))
 
