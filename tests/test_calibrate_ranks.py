@@ -77,10 +77,12 @@ def test_work_units_cover_each_sample_once_and_both_ranks_get_work():
 def test_checked_indices_are_the_validation_samples_the_single_process_checks():
     req = request(samples=16, ratio=(1, 3), check_samples=3)
     plan = pipeline.plan_samples((16, 48), req, [])
-    samples = synthetic_samples((16, 48), plan.real + plan.synthetic, seed=0)
-    kinds = ["real"] * plan.real + ["synthetic"] * plan.synthetic
-    for sample, kind in zip(samples, kinds, strict=True):
-        object.__setattr__(sample, "kind", kind)
+    # As the pipeline orders them: the real samples, then synthetic samples 0, 1, … (their families
+    # cycle from index 0, which the split reads).
+    real = synthetic_samples((16, 48), plan.real, seed=1)
+    for sample in real:
+        object.__setattr__(sample, "kind", "real")
+    samples = real + synthetic_samples((16, 48), plan.synthetic, seed=0)
     _, validation = pipeline.train_validation_split(samples, req.validation_fraction, seed=req.seed)
     position = {id(s): i for i, s in enumerate(samples)}
     expected = [position[id(s)] for s in validation[: req.check_samples]]

@@ -496,6 +496,26 @@ def test_split_is_stratified_disjoint_and_ordered():
         assert positions == sorted(positions)
 
 
+def test_split_keeps_every_synthetic_family_in_calibration():
+    # The default mix at 16 samples, 1:3: one gaussian, one heavy-tailed and one row/col-scaled sample
+    # among 12 synthetic ones. A kind-only split at seed 0 validated on the first two and never fitted them.
+    real = [tiny("real", i) for i in range(4)]
+    synthetic = synthetic_samples((8, 24), 12, seed=0)
+    families = {s.source for s in synthetic}
+    for seed in range(5):
+        calibration, validation = train_validation_split(real + synthetic, 0.25, seed=seed)
+        assert {s.source for s in calibration if s.kind == "synthetic"} == families
+        assert kinds(validation).count("synthetic") == 3 and kinds(validation).count("real") == 1
+        # Validation draws from the families with samples to spare.
+        assert {s.source for s in validation if s.kind == "synthetic"} == {"synthetic:low_rank_noise"}
+
+
+def test_split_takes_a_familys_only_sample_when_nothing_else_can_validate():
+    synthetic = synthetic_samples((8, 24), 2, seed=0, families=["gaussian", "heavy_tailed"])
+    calibration, validation = train_validation_split(synthetic, 0.25, seed=0)
+    assert len(calibration) == len(validation) == 1
+
+
 def test_split_is_deterministic_per_seed():
     samples = mixed(8, 24)
 

@@ -267,12 +267,16 @@ def synthetic_at(key: ShapeKey, index: int, *, seed: int, families=None) -> Samp
 class _Slot:
     index: int
     kind: str
+    source: str  # what the split reads of a sample: a synthetic one's family (train_validation_split)
 
 
 def checked_indices(plan: SamplePlan, request: CalibrationRequest) -> list[int]:
-    """Indices of the matrix-checked samples: the split depends only on the kinds, counts and seed."""
-    kinds = ["real"] * plan.real + ["synthetic"] * plan.synthetic
-    slots = [_Slot(i, kind) for i, kind in enumerate(kinds)]
+    """Indices of the matrix-checked samples: the split depends only on the kinds, counts, seed and the
+    synthetic samples' families, all known from the plan."""
+    slots = [_Slot(i, "real", "real") for i in range(plan.real)] + [
+        _Slot(plan.real + j, "synthetic", f"synthetic:{family_at(j, request.families)}")
+        for j in range(plan.synthetic)
+    ]
     _, validation = train_validation_split(slots, request.validation_fraction, seed=request.seed)
     return [slot.index for slot in validation[: request.check_samples]]
 
