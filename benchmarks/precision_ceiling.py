@@ -91,12 +91,17 @@ def ceiling_row(key, args, table) -> str:
     reachable = "yes" if oracle["per-step"] <= polar / 2 else "**no**"
     robust = ""
     if args.robust_oracle:
-        # The CLI's default criterion, with its stress sets built from these very matrices.
-        settings = FitSettings(form="per-step", iterations=args.iterations, max_gain=args.max_gain)
-        robust_error = float(sample_errors(spectra, fit(spectra, settings).schedule).mean())
+        # The CLI's default criterion, with its stress sets built from these very matrices: per-step held
+        # to Polar Express, shared held to Muon (where the stress constraint binds at Muon's own triple,
+        # no robust shared table can beat Muon there).
+        errors = {}
+        for form in ("per-step", "shared"):
+            settings = FitSettings(form=form, iterations=args.iterations, max_gain=args.max_gain)
+            errors[form] = float(sample_errors(spectra, fit(spectra, settings).schedule).mean())
         robust = (
-            f" {robust_error:.4f} ({robust_error / polar:.2f}×) | "
-            f"{headroom(polar, robust_error, oracle['per-step'])} |"
+            f" {errors['per-step']:.4f} ({errors['per-step'] / polar:.2f}×) | "
+            f"{headroom(polar, errors['per-step'], oracle['per-step'])} | "
+            f"{errors['shared']:.4f} ({errors['shared'] / muon:.3f}×) |"
         )
     print(f"{format_shape(key)}: {len(samples)} {args.set} matrices", flush=True)
     row = (
@@ -144,7 +149,11 @@ def main() -> None:
     except (CalibrationError, ValueError, LookupError) as error:
         sys.exit(f"error: {error}")
     ours = f" {table.name}@{table.version} per shape | headroom captured |" if table else ""
-    robust = " robust oracle (÷ PE) | headroom of the robust oracle |" if args.robust_oracle else ""
+    robust = (
+        " robust oracle (÷ PE) | headroom of the robust oracle | robust shared oracle (÷ Muon) |"
+        if args.robust_oracle
+        else ""
+    )
     lines = [
         f"### precision_ceiling — {dt.date.today()} — cpu ({platform.machine()}, "
         f"{torch.get_num_threads()} threads) — torch {torch.__version__}",
@@ -157,7 +166,9 @@ def main() -> None:
         "",
         "| shape | matrices | Polar Express | oracle per-step (÷ PE) | ≤ ½ PE reachable? | Muon | "
         f"oracle shared (÷ Muon) |{robust}{ours}",
-        "|---|---|---|---|---|---|---|" + "---|---|" * (bool(args.robust_oracle) + bool(table)),
+        "|---|---|---|---|---|---|---|"
+        + "---|---|---|" * bool(args.robust_oracle)
+        + "---|---|" * bool(table),
     ]
     lines += [ceiling_row(key, args, table) for key in keys]
     publish("\n".join(lines) + "\n", args.record)
