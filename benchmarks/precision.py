@@ -11,11 +11,11 @@ optimizer, because another seed of the calibration harvester hides exactly where
 ``--independent-set 2`` swaps in a second independent set that no table or rule was tuned on: a parallel
 (GPT-J/PaLM-style) multi-query probe with squared-ReLU MLP, trained with Muon at momentum 0.85 and with
 AdamW at β1 0.8 (SECOND_HELD_OUT_PROBES), seed 2, on the prose of the installed packages' METADATA and
-LICENSE files; the "held-out real" rows stay as they are. Every matrix
-is clipped as the optimizer clips it (q=0.9 unless the table says otherwise), then scored at each
-set's own step count (5; you-6step: 6): the float64 spectral error for every matrix, and the measured
-bf16 matrix error of ``orthogonalize`` against the SVD polar factor for the first ``--matrix-count``
-real matrices (and ``--synthetic-matrix-count`` per synthetic family).
+LICENSE files; the "held-out real" rows stay as they are. Every matrix is clipped as the optimizer
+clips it (q=0.9 unless the table says otherwise), then scored at each set's own step count (5;
+you-6step: 6): the float64 spectral error for every matrix, and the measured bf16 matrix error of
+``orthogonalize`` against the SVD polar factor for the first ``--matrix-count`` real matrices (and
+``--synthetic-matrix-count`` per synthetic family).
 
 Two outputs. The default lists, per shape, every calibrated table and baseline on held-out real
 momentum. ``--leaderboard`` adds one row per synthetic family and lays the sets out side by side:
