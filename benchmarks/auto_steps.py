@@ -79,10 +79,9 @@ def frontier_for(key, args) -> tuple[dict, torch.Tensor]:
     with stages(True) as quiet:
         samples = collect_samples(key, request, quiet, [])
         calibration, validation = train_validation_split(samples, request.validation_fraction, seed=0)
-        spectra = [
-            [cache.spectrum(s.matrix, clip_quantile=CLIP) for s in part] for part in (calibration, validation)
-        ]
-        real = [cache.spectrum(s.matrix, clip_quantile=CLIP) for s in samples if s.kind == "real"]
+        by_sample = {id(s): cache.spectrum(s.matrix, clip_quantile=CLIP) for s in samples}
+        spectra = [[by_sample[id(s)] for s in part] for part in (calibration, validation)]
+        real = [by_sample[id(s)] for s in samples if s.kind == "real"]
         result = search_steps(
             key,
             *map(stack_spectra, spectra),

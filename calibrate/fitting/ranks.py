@@ -43,7 +43,7 @@ from ..progress import Stages
 from ..sampling import Sample
 from ..sampling.harvest import DEFAULT_TOKENS_PER_STEP, resolve_steps
 from ..sampling.mix import reject_non_finite, train_validation_split
-from ..sampling.synthetic import family_at, synthetic_sample
+from ..sampling.synthetic import family_at, synthetic_sample, synthetic_source
 from ..shapes import format_shape
 from ..spectra import SpectrumCache
 from . import pipeline
@@ -274,7 +274,7 @@ def checked_indices(plan: SamplePlan, request: CalibrationRequest) -> list[int]:
     """Indices of the matrix-checked samples: the split depends only on the kinds, counts, seed and the
     synthetic samples' families, all known from the plan."""
     slots = [_Slot(i, "real", "real") for i in range(plan.real)] + [
-        _Slot(plan.real + j, "synthetic", f"synthetic:{family_at(j, request.families)}")
+        _Slot(plan.real + j, "synthetic", synthetic_source(family_at(j, request.families)))
         for j in range(plan.synthetic)
     ]
     _, validation = train_validation_split(slots, request.validation_fraction, seed=request.seed)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import CalibrationError
 from .base import Sample
+from .synthetic import synthetic_family
 
 Ratio = tuple[int, int]
 
@@ -82,12 +83,6 @@ def _validation_count(size: int, fraction: float) -> int:
 def _chosen_for_validation(size: int, count: int, seed: int, kind: str) -> set[int]:
     generator = torch.Generator().manual_seed(seed * len(_KINDS) + _KINDS.index(kind))
     return set(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-def synthetic_family(sample) -> str | None:
-    """A synthetic sample's family from its source ("synthetic:low_rank_noise"); None for any other."""
-    prefix, _, rest = str(sample.source).partition(":")
-    return rest.split(":")[0] if sample.kind == "synthetic" and prefix == "synthetic" else None
 
 
 def _spare_and_firsts(members: list[int], samples: Sequence) -> tuple[list[int], list[int]]:

@@ -213,7 +213,19 @@ def synthetic_sample(shape: Sequence[int], index: int, *, seed: int, family: str
     generator = sample_generator(seed, canonical, name, index)
     matrix, params = FAMILIES[name](canonical, generator)
     meta = {"family": name, "params": params, "seed": seed, "index": index}
-    return Sample(matrix=matrix, kind="synthetic", source=f"synthetic:{name}", meta=meta)
+    return Sample(matrix=matrix, kind="synthetic", source=synthetic_source(name), meta=meta)
+
+
+def synthetic_source(family: str) -> str:
+    """A synthetic sample's ``source``: the validation split reads the family back (``synthetic_family``),
+    and ``torchrun`` ranks name samples this way before making them."""
+    return f"synthetic:{family}"
+
+
+def synthetic_family(sample) -> str | None:
+    """A synthetic sample's family from its source ("synthetic:low_rank_noise"); None for any other."""
+    prefix, _, rest = str(sample.source).partition(":")
+    return rest.split(":")[0] if sample.kind == "synthetic" and prefix == "synthetic" else None
 
 
 def synthetic_samples(
