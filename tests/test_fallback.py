@@ -114,3 +114,43 @@ def test_an_unknown_fit_criterion_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "error: invalid --fit 'minimax': expected one of robust, mean" in result.output
     assert not (tmp_path / "calibrated").exists()
+
+
+# Seed 1 at 32x32 with 8 synthetic samples and a 5-generation search: the first robust fit loses to Polar
+# Express on validation (0.1470 > 0.1463), the refit held to it sample by sample wins (0.1436).
+REFIT_WINS = ["--shapes", "32x32", "--ratio", "0:1", "--samples", "8", "--iterations", "5", "--seed", "1"]
+
+
+def test_a_refit_held_to_the_baseline_on_every_sample_ships_where_it_wins_validation(tmp_path):
+    result = invoke([*REFIT_WINS, "--out", str(tmp_path), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert "32x32: the first fit lost on validation (validation spectral error" in result.output
+    assert "a refit with every calibration sample no worse than polar-express scores" in result.output
+    entry = _entry(tmp_path / "calibrated" / "v1.json")
+    metrics = entry["metrics"]
+    assert "fallback" not in metrics
+    refit = metrics["refit"]
+    assert refit["shipped"] is True
+    assert entry["coefficients"] == refit["refit"]["coefficients"] != refit["first_fit"]["coefficients"]
+    level = refit["baseline_validation_error"]
+    assert refit["refit"]["validation_error"] < level < refit["first_fit"]["validation_error"]
+    assert metrics["validation_error"] == pytest.approx(refit["refit"]["validation_error"], abs=1e-12)
+    assert metrics["robust"]["guard"] == "every calibration sample no worse than polar-express"
+
+
+def test_a_refit_that_loses_too_is_recorded_and_the_baseline_ships(tmp_path):
+    result = invoke([*LOSING, "--out", str(tmp_path), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert "a refit with every calibration sample no worse than polar-express scored" in result.output
+    metrics = _entry(tmp_path / "calibrated" / "v1.json")["metrics"]
+    refit = metrics["refit"]
+    assert refit["shipped"] is False
+    assert refit["refit"]["validation_error"] > refit["baseline_validation_error"]
+    assert refit["first_fit"]["coefficients"] == metrics["fallback"]["fitted_coefficients"]
+
+
+def test_keep_fitted_skips_the_refit(tmp_path):
+    result = invoke([*REFIT_WINS, "--keep-fitted", "--out", str(tmp_path), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    metrics = _entry(tmp_path / "calibrated" / "v1.json")["metrics"]
+    assert "refit" not in metrics and metrics["loses_to_baseline"]["kept"] is True

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import MUON, POLAR_EXPRESS
 
-from calibrate.fitting.fit import FitSettings, fit, start_schedules
+from calibrate.fitting.fit import FitSettings, fit, guarded_fit, sample_guards, start_schedules
 from calibrate.fitting.objective import (
     STRESS_TOLERANCE,
     mean_error,
@@ -86,6 +86,27 @@ def test_robust_fit_is_deterministic():
     spectra = well_conditioned_spectra()
     settings = FitSettings(iterations=ITERATIONS, seed=5)
     assert fit(spectra, settings).schedule.rows == fit(spectra, settings).schedule.rows
+
+
+def test_guarded_fit_holds_every_calibration_sample_to_the_baseline_where_the_robust_fit_does_not():
+    # Three deep-tailed samples and one flat spectrum: the robust fit's mean buys the tails by giving up
+    # one tailed sample (worse than Polar Express on it); the guarded fit may not.
+    spectra = well_conditioned_spectra()
+    r = spectra.shape[-1]
+    flat = torch.full((1, r), r**-0.5, dtype=spectra.dtype)
+    mixed = torch.cat([pushed_tail(spectra[:3], r // 2, 0.01), flat])
+    settings = FitSettings(iterations=ITERATIONS)
+    robust = fit(mixed, settings)
+    guarded = guarded_fit(mixed, settings, mean_fit_error=robust.robust["mean_fit_error"])
+    guards = sample_guards(mixed, POLAR_EXPRESS)
+    assert [g.name for g in guards] == ["sample-0", "sample-1", "sample-2", "sample-3"]
+    assert stress_excess(robust.schedule, guards) > 0.0
+    assert stress_excess(guarded.schedule, guards) == 0.0
+    assert stress_excess(guarded.schedule, stress_sets(mixed, POLAR_EXPRESS)) == 0.0
+    assert guarded.safety.ok
+    assert guarded.robust["guard"] == "every calibration sample no worse than polar-express"
+    assert guarded.robust["guaranteed"] == ["tail-x0.1", "tail-x0.01", "low-rank"]
+    assert guarded.robust["price"] == pytest.approx(guarded.calibration_error - robust.robust["mean_fit_error"])
 
 
 @pytest.mark.slow
