@@ -14,6 +14,7 @@ low-rank set; ``x0.1`` the ×0.1 tail only; ``low-rank`` the low-rank set only; 
 at ×0.1 instead of ×0.01.
 
     python benchmarks/stress_variants.py --shapes 128x896,896x4864,896x896 --cache /tmp/qwen/cache
+    python benchmarks/stress_variants.py --independent-set 2 ...   # the blind second set
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def rows_for(key, args) -> list[str]:
     held = SimpleNamespace(
         independent_count=INDEPENDENT_COUNT, corpus=held_out_corpus(), steps=None, cache=args.held_out_cache
     )
-    independent = independent_samples(key, held)
+    independent = independent_samples(key, held, args.independent_set)
     spectra, groups = spectra_of(independent), independent_groups(independent)
     polar = objective.sample_errors(spectra, load_table("polar-express").schedule_for(key))
     oracle = fit(spectra, FitSettings(iterations=args.iterations, criterion="mean")).schedule
@@ -107,6 +108,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="root-calibrate's cache")
     parser.add_argument(
         "--held-out-cache", type=Path, default=default_cache_dir(), help="precision.py's cache"
+    )
+    parser.add_argument(
+        "--independent-set",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="precision.py's independent held-out set to score on (2: the blind one)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)

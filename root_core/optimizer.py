@@ -809,4 +809,3 @@ def _dtype_from_name(name: str | None) -> torch.dtype | None:
         return None
     dtype = getattr(torch, name, None)
     return dtype if isinstance(dtype, torch.dtype) else None
-

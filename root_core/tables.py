@@ -73,7 +73,6 @@ _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.json")
 _SPEC = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]*)(?:@(?P<version>[1-9][0-9]*))?")
 
 
-
 class TableError(ValueError):
     """A coefficient table that cannot be used: invalid content, bad JSON, or a refused save.
 
@@ -505,9 +504,7 @@ def _validate(raw: Any, source: str) -> None:
     """Check ``raw`` against schema.json, then what JSON Schema cannot say; raise the first problem."""
     # The schema version first: a newer table fails on its version, not on the fields it added.
     if isinstance(raw, Mapping) and "schema" in raw and _is_int(raw["schema"]) and raw["schema"] != 1:
-        _fail(
-            source, "schema", f"unsupported schema version {raw['schema']}; this root_core reads version 1"
-        )
+        _fail(source, "schema", f"unsupported schema version {raw['schema']}; this root_core reads version 1")
     errors = list(_schema_validator().iter_errors(raw))
     if errors:
         _fail(source, *_schema_problem(min(errors, key=_document_order)))

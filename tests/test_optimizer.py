@@ -303,7 +303,6 @@ def test_runs_on_cuda_in_bf16_and_tracks_a_float64_cpu_reference():
         assert (change - expected).norm() <= CUDA_BF16_RTOL * expected.norm(), tuple(g.shape)
 
 
-
 @pytest.mark.gpu
 def test_a_cuda_step_never_waits_for_the_device():
     """Batched clip, NS and the AdamW route in one step, with every device→host sync made an error."""
@@ -326,6 +325,7 @@ def test_a_cuda_step_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
 
 def test_fragile_rows_warn_once_per_shape_and_robust_ones_do_not():
     fragile = CoefficientTable.create(

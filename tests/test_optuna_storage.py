@@ -101,7 +101,10 @@ def test_workers_with_different_spectra_get_different_studies():
         ("sqlite:////nonexistent-dir/x.db", "sqlite:////nonexistent-dir/x.db"),
         ("postgresql+nosuchdriver://user:secret@db.example/x", "postgresql+nosuchdriver://user:***@"),
         # Shown as typed: only the password changes (not re-encoded as ?host=%2Fnonexistent-dir).
-        ("postgresql://user:secret@/x?host=/nonexistent-dir", "postgresql://user:***@/x?host=/nonexistent-dir'"),
+        (
+            "postgresql://user:secret@/x?host=/nonexistent-dir",
+            "postgresql://user:***@/x?host=/nonexistent-dir'",
+        ),
     ],
 )
 def test_a_bad_storage_is_one_line_naming_it(url, shown):

@@ -106,7 +106,9 @@ def test_guarded_fit_holds_every_calibration_sample_to_the_baseline_where_the_ro
     assert guarded.safety.ok
     assert guarded.robust["guard"] == "every calibration sample no worse than polar-express"
     assert guarded.robust["guaranteed"] == ["tail-x0.1", "tail-x0.01", "low-rank"]
-    assert guarded.robust["price"] == pytest.approx(guarded.calibration_error - robust.robust["mean_fit_error"])
+    assert guarded.robust["price"] == pytest.approx(
+        guarded.calibration_error - robust.robust["mean_fit_error"]
+    )
 
 
 @pytest.mark.slow

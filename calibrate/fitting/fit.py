@@ -212,9 +212,7 @@ def fit(
         robust, searches = mean_fit, 1
     else:
         robust, searches = _search_fit(spectra, settings, label, extra_starts, stress=stress), 2
-    robust.robust = robust_report(
-        robust, mean_fit.calibration_error, stress, settings, searches=searches
-    )
+    robust.robust = robust_report(robust, mean_fit.calibration_error, stress, settings, searches=searches)
     robust.evaluations += mean_fit.evaluations if robust is not mean_fit else 0
     robust.seconds = time.perf_counter() - started
     return robust

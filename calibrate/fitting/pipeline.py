@@ -145,7 +145,6 @@ class ShapeResult:
             tried = f"; these rows are a refit with {refit['guard']}, after the first fit's {refit['reason']}"
         elif refit:
             tried = f"; a refit with {refit['guard']} scored {refit['refit']['validation_error']:.4f}"
-
         return (
             f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}{tried}); the table uses {to}'s "
             "rows (--keep-fitted keeps the fitted ones)"
@@ -334,7 +333,9 @@ def fit_shape(
         fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
         advance(1)
     if validation and not request.keep_fitted:
-        fitted = second_chance(key, fitted, stack_spectra(spectra), stack_spectra(validation), request, stages)
+        fitted = second_chance(
+            key, fitted, stack_spectra(spectra), stack_spectra(validation), request, stages
+        )
     return fitted
 
 
@@ -359,7 +360,9 @@ def second_chance(
         return fitted
     with stages.stage(f"{format_shape(key)} refit, every sample held to {name}", 1) as advance:
         mean_fit_error = fitted.robust.get("mean_fit_error", fitted.calibration_error)
-        guarded = guarded_fit(calibration, request.fit, mean_fit_error=mean_fit_error, label=format_shape(key))
+        guarded = guarded_fit(
+            calibration, request.fit, mean_fit_error=mean_fit_error, label=format_shape(key)
+        )
         advance(1)
     second = mean_error(validation, guarded.schedule)
     chosen, other = (guarded, fitted) if second < level else (fitted, guarded)

@@ -229,7 +229,7 @@ def _contains_optimizer_state(obj: object) -> bool:
 
 
 def _file_kind(path: Path) -> str | None:
-    """"safetensors", "torch", or None when the first bytes are neither (a text file, say)."""
+    """ "safetensors", "torch", or None when the first bytes are neither (a text file, say)."""
     if path.suffix.lower() == ".safetensors":
         return "safetensors"  # a damaged one gets the safetensors loader's own reason
     with path.open("rb") as stream:
