@@ -142,9 +142,9 @@ class FitResult:
     # --steps auto: the target, the frontier (errors and FLOPs per k) and the chosen k
     # (calibrate/fitting/steps.py).
     steps_search: dict[str, object] = field(default_factory=dict)
-    # Where the first fit lost to the baseline on validation: the refit held to it sample by sample
-    # (``guarded_fit``, calibrate/fitting/pipeline.py ``second_chance``), and whether it shipped.
-    refit: dict[str, object] = field(default_factory=dict)
+    # The robust fit and the guarded one (``guarded_fit``) with their validation errors, and which the
+    # table ships: the lower (calibrate/fitting/pipeline.py ``pick_by_validation``).
+    candidates: dict[str, object] = field(default_factory=dict)
 
 
 def compress(spectra: Tensor, points: int = SEARCH_POINTS) -> Tensor:
@@ -262,12 +262,12 @@ def guarded_fit(
     spectra: Tensor, settings: FitSettings, *, mean_fit_error: float, label: str = ""
 ) -> FitResult:
     """The rows with the lowest mean error that are no worse than the baseline on *every* calibration
-    sample (and, robust, on every stress set): the second chance where a fit lost to the baseline on
-    validation (pipeline.second_chance). A mean, even a robust one, may buy its gain by losing on a few
-    well-conditioned samples, and validation then draws more of those (llama-3.2-1b shared 2048×16384:
-    benchmarks/RESULTS.md "A refit held to the baseline sample by sample"). The baseline start meets
-    every guard, so the search always has a feasible point. ``mean_fit_error``: the unconstrained fit's
-    calibration error, against which the report states the price."""
+    sample (and, robust, on every stress set): the second candidate of a calibration
+    (pipeline.pick_by_validation). A mean, even a robust one, may buy its gain by losing on a few
+    samples, and momentum the fit never saw may hold more of those (benchmarks/RESULTS.md "Two
+    candidates, chosen on validation"). The baseline start meets every guard, so the search always
+    has a feasible point. ``mean_fit_error``: the unconstrained fit's calibration error, against which
+    the report states the price."""
     started = time.perf_counter()
     baseline = load_table(settings.stress_baseline).default_schedule.with_steps(settings.steps)
     stress = stress_sets(spectra, baseline) if settings.criterion == "robust" else []

@@ -127,11 +127,12 @@ class ShapeResult:
     @property
     def note(self) -> str:
         """One line for the summary where the fitted rows lost to the baseline; "" otherwise."""
-        refit = self.fit.refit
-        if refit and refit["shipped"] and self.fallback is None:
+        picked = self.fit.candidates
+        if picked and picked["chosen"] == "guarded" and self.fallback is None:
             return (
-                f"{format_shape(self.key)}: the first fit lost on validation ({refit['reason']}); a refit "
-                f"with {refit['guard']} scores {refit['refit']['validation_error']:.4f} and the table uses it"
+                f"{format_shape(self.key)}: the guarded fit ({picked['guard']}) has the lower validation "
+                f"error, {picked['guarded']['validation_error']:.4f} against the robust fit's "
+                f"{picked['robust']['validation_error']:.4f}; the table uses it"
             )
         if self.fallback is None:
             return ""
@@ -141,10 +142,11 @@ class ShapeResult:
         if self.fallback.get("kept"):
             return f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}); kept (--keep-fitted)"
         tried = ""
-        if refit and refit["shipped"]:
-            tried = f"; these rows are a refit with {refit['guard']}, after the first fit's {refit['reason']}"
-        elif refit:
-            tried = f"; a refit with {refit['guard']} scored {refit['refit']['validation_error']:.4f}"
+        if picked:
+            tried = (
+                f"; robust fit {picked['robust']['validation_error']:.4f}, guarded fit "
+                f"{picked['guarded']['validation_error']:.4f}"
+            )
         return (
             f"{shape}: fitted rows lose to {to} ({self.fallback['reason']}{tried}); the table uses {to}'s "
             "rows (--keep-fitted keeps the fitted ones)"
@@ -195,7 +197,7 @@ class ShapeResult:
             "robust": self.fit.robust,
             "tails": self.tails,
             **({"loses_to_baseline" if kept else "fallback": self.fallback} if self.fallback else {}),
-            **({"refit": self.fit.refit} if self.fit.refit else {}),
+            **({"candidates": self.fit.candidates} if self.fit.candidates else {}),
             **({"steps_search": self.fit.steps_search} if self.fit.steps_search else {}),
             "samples": self.counts,
             "seconds": {stage: round(s, 3) for stage, s in self.seconds.items()},
@@ -332,14 +334,14 @@ def fit_shape(
     with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
         fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
         advance(1)
-    if validation and not request.keep_fitted:
-        fitted = second_chance(
+    if validation and request.fit.criterion == "robust":
+        fitted = pick_by_validation(
             key, fitted, stack_spectra(spectra), stack_spectra(validation), request, stages
         )
     return fitted
 
 
-def second_chance(
+def pick_by_validation(
     key: ShapeKey,
     fitted: FitResult,
     calibration: Tensor,
@@ -347,40 +349,38 @@ def second_chance(
     request: CalibrationRequest,
     stages: Stages,
 ) -> FitResult:
-    """Where the fitted rows lose to the baseline (Polar Express; shared: Muon) on the validation spectra,
-    one refit that holds every calibration sample to the baseline (fit.guarded_fit). It ships if it beats
-    the baseline on validation; else the first fit goes on to ``baseline_check``, which falls back to the
-    baseline's rows. Either way the table records both fits (``refit``). The validation spectra are then
-    looked at twice, so the shipped refit's validation error is the better of two tries; the bf16 matrix
-    check that follows has not seen either."""
+    """Two candidates for a robust run, the one with the lower mean validation error ships: the robust
+    fit, and the guarded fit that also holds every calibration sample to the baseline (fit.guarded_fit).
+    Neither dominates: the guarded rows give up headroom where the calibration samples agree (qwen
+    128×896) and keep it where a few well-conditioned samples pull the mean fit off (llama 2048×16384);
+    on both independent held-out sets the lower validation error picked the better candidate at every
+    shape measured (benchmarks/RESULTS.md "Two candidates, chosen on validation"). The choice looks at
+    the validation spectra, so the shipped rows' validation error is the better of two; the bf16 matrix
+    check that follows has seen neither. ``baseline_check`` then compares the chosen rows with the
+    baseline as before."""
     name = fit_baseline(fitted)
-    rows = baseline_rows(name, fitted.schedule.num_steps)
-    first, level = mean_error(validation, fitted.schedule), mean_error(validation, rows)
-    if first <= level:
-        return fitted
-    with stages.stage(f"{format_shape(key)} refit, every sample held to {name}", 1) as advance:
+    with stages.stage(f"{format_shape(key)} guarded fit, every sample held to {name}", 1) as advance:
         mean_fit_error = fitted.robust.get("mean_fit_error", fitted.calibration_error)
         guarded = guarded_fit(
             calibration, request.fit, mean_fit_error=mean_fit_error, label=format_shape(key)
         )
         advance(1)
-    second = mean_error(validation, guarded.schedule)
-    chosen, other = (guarded, fitted) if second < level else (fitted, guarded)
-    chosen.refit = {
-        "reason": f"validation spectral error {first:.4f} > {level:.4f} ({name})",
+    errors = {
+        "robust": mean_error(validation, fitted.schedule),
+        "guarded": mean_error(validation, guarded.schedule),
+    }
+    chosen, other = (guarded, fitted) if errors["guarded"] < errors["robust"] else (fitted, guarded)
+    chosen.candidates = {
+        "chosen": "guarded" if chosen is guarded else "robust",
         "guard": guarded.robust["guard"],
-        "first_fit": {
-            "coefficients": [list(row) for row in fitted.schedule.rows],
-            "calibration_error": fitted.calibration_error,
-            "validation_error": first,
+        **{
+            label: {
+                "coefficients": [list(row) for row in candidate.schedule.rows],
+                "calibration_error": candidate.calibration_error,
+                "validation_error": errors[label],
+            }
+            for label, candidate in (("robust", fitted), ("guarded", guarded))
         },
-        "refit": {
-            "coefficients": [list(row) for row in guarded.schedule.rows],
-            "calibration_error": guarded.calibration_error,
-            "validation_error": second,
-        },
-        "baseline_validation_error": level,
-        "shipped": chosen is guarded,
     }
     chosen.seconds += other.seconds
     chosen.evaluations += other.evaluations
