@@ -8,6 +8,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import calibrate
 from root_core.schedule import Schedule
 from root_core.tables import BASELINE_TABLES, CoefficientTable, load_table, next_version, save_table
 
-from ..determinism import deterministic
+from ..determinism import deterministic, pinned_threads
 from ..errors import CalibrationError
 from ..evaluate import matrix_errors
 from ..progress import Stages
@@ -278,26 +279,35 @@ def calibrate_shape(
     seconds["samples"] = time.perf_counter() - started
     calibration, validation = train_validation_split(samples, request.validation_fraction, seed=request.seed)
 
+    # The fits need the calibration spectra only, so they run on a second thread while the validation
+    # spectra are computed: every stage here runs on one torch thread (calibrate/determinism.py), so a
+    # 2-core machine has a core to spare. One pin around both keeps the process at one thread throughout
+    # (torch's thread count is per process; the stages' own pins then restore one, not the caller's).
     started = time.perf_counter()
-    with stages.stage(
-        f"{format_shape(key)} spectra (clip q={request.clip_quantile})", len(samples)
-    ) as advance:
-        spectra = {}
-        for sample in samples:
-            spectra[id(sample)] = sample_spectrum(sample, request, cache)
-            advance(1)
-    seconds["spectra"] = time.perf_counter() - started
+    with pinned_threads(), ThreadPoolExecutor(max_workers=1) as pool:
+        with stages.stage(
+            f"{format_shape(key)} spectra (clip q={request.clip_quantile})", len(samples)
+        ) as advance:
+            spectra, candidates = {}, None
+            for sample in [*calibration, *validation]:
+                spectra[id(sample)] = sample_spectrum(sample, request, cache)
+                advance(1)
+                if sample is calibration[-1] and request.target is None:
+                    fitted_on = [spectra[id(s)] for s in calibration]
+                    candidates = pool.submit(fit_candidates, key, fitted_on, request, bool(validation))
+        seconds["spectra"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    fitted = fit_shape(
-        key,
-        [spectra[id(s)] for s in calibration],
-        request,
-        stages,
-        [spectra[id(s)] for s in validation],
-        real=[spectra[id(s)] for s in samples if s.kind == "real"],
-    )
-    seconds["fit"] = time.perf_counter() - started
+        started = time.perf_counter()  # the fits' own time is in the entry's method record
+        fitted = fit_shape(
+            key,
+            [spectra[id(s)] for s in calibration],
+            request,
+            stages,
+            [spectra[id(s)] for s in validation],
+            real=[spectra[id(s)] for s in samples if s.kind == "real"],
+            candidates=candidates,
+        )
+        seconds["fit"] = time.perf_counter() - started
 
     started = time.perf_counter()
     checked = matrix_checked(validation, request)
@@ -321,10 +331,12 @@ def fit_shape(
     stages: Stages,
     validation: list[Tensor] | None = None,
     real: list[Tensor] | None = None,
+    candidates: Future | None = None,
 ) -> FitResult:
     """The shape's rows from its calibration spectra; with --steps auto, also its validation spectra and
     the spectra of its real momentum samples (calibration and validation; an absolute target must hold
-    on them too, calibrate/fitting/steps.py)."""
+    on them too, calibrate/fitting/steps.py). ``candidates``: ``fit_candidates`` already running on the
+    same calibration spectra (calibrate_shape starts it before the validation spectra)."""
     if request.target is not None:
         if not validation:
             raise CalibrationError("--steps auto needs validation spectra to choose a step count")
@@ -332,23 +344,32 @@ def fit_shape(
         validation_spectra = stack_spectra(validation)
         return search_steps(key, stack_spectra(spectra), validation_spectra, request, stages, real=momentum)
     with stages.stage(f"{format_shape(key)} fit ({request.fit.form}, {request.fit.backend})", 1) as advance:
-        fitted = fit(stack_spectra(spectra), request.fit, label=format_shape(key))
-        advance(1)
-    if validation and request.fit.criterion == "robust":
-        fitted = pick_by_validation(
-            key, fitted, stack_spectra(spectra), stack_spectra(validation), request, stages
+        robust, guarded = (
+            candidates.result() if candidates else fit_candidates(key, spectra, request, bool(validation))
         )
-    return fitted
+        advance(1)
+    if guarded is None or not validation:
+        return robust
+    return pick_by_validation(robust, guarded, stack_spectra(validation))
 
 
-def pick_by_validation(
-    key: ShapeKey,
-    fitted: FitResult,
-    calibration: Tensor,
-    validation: Tensor,
-    request: CalibrationRequest,
-    stages: Stages,
-) -> FitResult:
+@deterministic
+def fit_candidates(
+    key: ShapeKey, spectra: list[Tensor], request: CalibrationRequest, guarded: bool = True
+) -> tuple[FitResult, FitResult | None]:
+    """The robust fit and, for a robust run with validation to choose on, the guarded one (fit.guarded_fit:
+    also no worse than the baseline on every calibration sample). Needs the calibration spectra only."""
+    calibration = stack_spectra(spectra)
+    robust = fit(calibration, request.fit, label=format_shape(key))
+    if not guarded or request.fit.criterion != "robust":
+        return robust, None
+    mean_fit_error = robust.robust.get("mean_fit_error", robust.calibration_error)
+    return robust, guarded_fit(
+        calibration, request.fit, mean_fit_error=mean_fit_error, label=format_shape(key)
+    )
+
+
+def pick_by_validation(fitted: FitResult, guarded: FitResult, validation: Tensor) -> FitResult:
     """Two candidates for a robust run, the one with the lower mean validation error ships: the robust
     fit, and the guarded fit that also holds every calibration sample to the baseline (fit.guarded_fit).
     Neither dominates: the guarded rows give up headroom where the calibration samples agree (qwen
@@ -358,13 +379,6 @@ def pick_by_validation(
     the validation spectra, so the shipped rows' validation error is the better of two; the bf16 matrix
     check that follows has seen neither. ``baseline_check`` then compares the chosen rows with the
     baseline as before."""
-    name = fit_baseline(fitted)
-    with stages.stage(f"{format_shape(key)} guarded fit, every sample held to {name}", 1) as advance:
-        mean_fit_error = fitted.robust.get("mean_fit_error", fitted.calibration_error)
-        guarded = guarded_fit(
-            calibration, request.fit, mean_fit_error=mean_fit_error, label=format_shape(key)
-        )
-        advance(1)
     errors = {
         "robust": mean_error(validation, fitted.schedule),
         "guarded": mean_error(validation, guarded.schedule),
