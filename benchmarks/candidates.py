@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,9 +25,9 @@ from precision import INDEPENDENT_COUNT, held_out_corpus, independent_groups, in
 from results import publish
 
 from calibrate.cli import default_cache_dir
-from calibrate.fitting.fit import STRESS_BASELINES, FitSettings, fit, guarded_fit
+from calibrate.fitting.fit import STRESS_BASELINES, FitSettings
 from calibrate.fitting.objective import mean_error, sample_errors, stack_spectra
-from calibrate.fitting.pipeline import CalibrationRequest, collect_samples
+from calibrate.fitting.pipeline import CalibrationRequest, collect_samples, fit_candidates, pick_by_validation
 from calibrate.progress import Stages
 from calibrate.sampling.mix import train_validation_split
 from calibrate.shapes import format_shape, parse_shapes
@@ -43,22 +42,23 @@ def spectra_of(samples) -> torch.Tensor:
     return stack_spectra([normalized_spectrum(s.matrix, clip_quantile=CLIP_QUANTILE) for s in samples])
 
 
-def candidates_for(key, settings: FitSettings, cache: Path | None) -> tuple[dict, dict, float]:
-    """Both candidates' rows with their fit seconds, their validation errors, and the baseline's."""
-    request = CalibrationRequest(shapes=[key], out=Path("unused"), name="unused", cache_dir=cache)
+def candidates_for(key, settings: FitSettings, cache: Path | None) -> tuple[dict, dict, str, float]:
+    """Both candidates' rows with their fit seconds, their validation errors, the one the CLI ships and
+    the baseline's validation error: the CLI's own ``fit_candidates`` and ``pick_by_validation``."""
+    request = CalibrationRequest(
+        shapes=[key], out=Path("unused"), name="unused", cache_dir=cache, fit=settings
+    )
     calibration, validation = train_validation_split(
         collect_samples(key, request, Stages(None), []), request.validation_fraction, seed=request.seed
     )
-    fitted_on, checked_on = spectra_of(calibration), spectra_of(validation)
-    started = time.perf_counter()
-    robust = fit(fitted_on, settings)
-    middle = time.perf_counter()
-    guarded = guarded_fit(fitted_on, settings, mean_fit_error=robust.robust["mean_fit_error"])
-    seconds = {"robust": middle - started, "guarded": time.perf_counter() - middle}
-    rows = {"robust": robust.schedule, "guarded": guarded.schedule}
-    validation_errors = {name: mean_error(checked_on, s) for name, s in rows.items()}
+    fitted_on = [normalized_spectrum(s.matrix, clip_quantile=CLIP_QUANTILE) for s in calibration]
+    robust, guarded = fit_candidates(key, fitted_on, request)
+    fitted = {"robust": (robust.schedule, robust.seconds), "guarded": (guarded.schedule, guarded.seconds)}
+    checked_on = spectra_of(validation)
+    picked = pick_by_validation(robust, guarded, checked_on).candidates
+    validation_errors = {name: picked[name]["validation_error"] for name in fitted}
     baseline = load_table(settings.stress_baseline).schedule_for(key)
-    return {n: (rows[n], seconds[n]) for n in rows}, validation_errors, mean_error(checked_on, baseline)
+    return fitted, validation_errors, picked["chosen"], mean_error(checked_on, baseline)
 
 
 def held_out_ratios(key, schedules: dict, baseline_name: str, cache: Path | None, which: int) -> dict:
@@ -81,8 +81,7 @@ def held_out_ratios(key, schedules: dict, baseline_name: str, cache: Path | None
 
 def shape_row(key, args) -> str:
     settings = FitSettings(form=args.schedule, iterations=args.iterations)
-    fitted, validation, baseline_validation = candidates_for(key, settings, args.cache)
-    pick = "guarded" if validation["guarded"] < validation["robust"] else "robust"
+    fitted, validation, pick, baseline_validation = candidates_for(key, settings, args.cache)
     schedules = {name: schedule for name, (schedule, _) in fitted.items()}
     cells = []
     for which in SETS:

@@ -270,10 +270,11 @@ def guarded_fit(
     the report states the price."""
     started = time.perf_counter()
     baseline = load_table(settings.stress_baseline).default_schedule.with_steps(settings.steps)
-    stress = stress_sets(spectra, baseline) if settings.criterion == "robust" else []
+    stress = stress_sets(spectra, baseline)
+    held_to = stress if settings.criterion == "robust" else []
     local = replace(settings, storage=None, stress_mode="constraint")
-    result = _search_fit(spectra, local, label, None, stress=stress + sample_guards(spectra, baseline))
-    result.robust = robust_report(result, mean_fit_error, stress_sets(spectra, baseline), settings, 1)
+    result = _search_fit(spectra, local, label, None, stress=held_to + sample_guards(spectra, baseline))
+    result.robust = robust_report(result, mean_fit_error, stress, settings, 1)
     result.robust["guard"] = f"every calibration sample no worse than {settings.stress_baseline}"
     result.seconds = time.perf_counter() - started
     return result
